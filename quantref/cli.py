@@ -1,0 +1,327 @@
+"""The ``quantref`` command: fetch, info, ppl, convert.
+
+Every command runs on the default model (SmolLM2-135M-Instruct, fetched on first use) unless
+``--model`` names a GGUF file or a known model; ``quantref ppl`` evaluates the project's own
+default text unless ``--text`` names a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+DEFAULT_TEXT = "default_text.txt"
+ALL_KV = ("fp32", "fp16", "q8_0", "q4_0", "mlx_q8", "mlx_q4",
+          "turbo_kv_5b", "turbo_kv_4b", "turbo_kv_3b")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+
+def _model_path(args: argparse.Namespace) -> Path:
+    from .fetch import MODELS, model_path
+
+    if args.model is None or args.model in MODELS:
+        return model_path(args.model or "smollm2-135m", args.cache_dir,
+                          progress=not args.no_progress and sys.stderr.isatty())
+    path = Path(args.model).expanduser()
+    if not path.exists():
+        raise SystemExit(f"quantref: error: model file {path} does not exist "
+                         f"(known model names: {', '.join(MODELS)})")
+    return path
+
+
+def _load_text(path: str | None) -> tuple[str, str]:
+    """(text, a short description of where it came from)."""
+    if path is None:
+        text = resources.files("quantref").joinpath("data", DEFAULT_TEXT).read_text("utf-8")
+        return text, f"quantref default text ({len(text.split())} words)"
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"quantref: error: text file {p} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"quantref: error: {p} is not UTF-8 text (byte {e.start})") from None
+    return text, f"{p.name} ({len(text.encode('utf-8'))} bytes)"
+
+
+def _kv_list(spec: str) -> list[str]:
+    from .cache import KV_TYPES
+
+    kinds = list(ALL_KV) if spec == "all" else [k.strip() for k in spec.split(",") if k.strip()]
+    for k in kinds:
+        if k not in KV_TYPES:
+            raise SystemExit(f"quantref: error: unknown --kv {k!r}; one of: all, "
+                             + ", ".join(KV_TYPES))
+    if not kinds:
+        raise SystemExit("quantref: error: --kv is empty")
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .fetch import fetch
+
+    path = fetch(args.model or "smollm2-135m", args.cache_dir, force=args.force,
+                 progress=not args.no_progress and sys.stderr.isatty())
+    print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import gguf
+    from .cache import KV_TYPES, make_cache
+    from .model import ModelArgs
+
+    path = _model_path(args)
+    with gguf.read(path) as gf:
+        margs = ModelArgs.from_metadata(gf.metadata, list(gf.tensors), path)
+        types = Counter(t.qtype.name for t in gf.tensors.values())
+        n_params = sum(t.n_elements for t in gf.tensors.values())
+        md = gf.metadata
+        info: dict[str, Any] = {
+            "path": str(path),
+            "gguf_version": gf.version,
+            "architecture": md.get("general.architecture"),
+            "name": md.get("general.name"),
+            "hyperparameters": {k: (v if not hasattr(v, "tolist") else v.tolist())
+                                for k, v in vars(margs).items()},
+            "tensor_types": dict(types.most_common()),
+            "n_tensors": len(gf.tensors),
+            "n_params": n_params,
+            "tokenizer": {"model": md.get("tokenizer.ggml.model"),
+                          "pre": md.get("tokenizer.ggml.pre"),
+                          "add_bos": md.get("tokenizer.ggml.add_bos_token")},
+        }
+    kv_bytes = {}
+    for kind in KV_TYPES:
+        try:
+            cache = make_cache(kind, n_layers=margs.n_layers, n_kv_heads=margs.n_kv_heads,
+                               head_dim=margs.head_dim)
+        except ValueError:  # e.g. a head_dim the block size does not divide
+            continue
+        kv_bytes[kind] = cache.bytes_per_token
+    info["kv_bytes_per_token"] = kv_bytes
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    hp = info["hyperparameters"]
+    print(f"model         {path}")
+    print(f"architecture  {info['architecture']}  ({info['name']}, GGUF v{info['gguf_version']})")
+    print(f"layers        {hp['n_layers']}   dim {hp['dim']}   ffn {hp['hidden_dim']}   "
+          f"vocab {hp['vocab_size']}")
+    print(f"heads         {hp['n_heads']} query / {hp['n_kv_heads']} KV, head_dim "
+          f"{hp['head_dim']}   rope base {hp['rope_base']:g}   eps {hp['norm_eps']:g}")
+    print(f"context       {hp['max_seq_len']}   tied embeddings: {hp['tied_embeddings']}")
+    print(f"tokenizer     {info['tokenizer']['model']} / {info['tokenizer']['pre']}   "
+          f"add_bos={info['tokenizer']['add_bos']}")
+    print(f"parameters    {n_params:,} in {info['n_tensors']} tensors: "
+          + ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items()))
+    print("KV bytes/token " + "  ".join(f"{k} {v:,.0f}" for k, v in kv_bytes.items()))
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from . import load
+    from .perplexity import perplexity
+
+    kinds = _kv_list(args.kv)
+    if args.perturb < 1:
+        raise SystemExit("quantref: error: --perturb needs N >= 1")
+    text, text_desc = _load_text(args.text)
+    path = _model_path(args)
+    model = load(path)
+    show = not args.no_progress and sys.stderr.isatty()
+    ids = model.tokenizer.encode(text, add_special=False)
+
+    rows: list[dict[str, Any]] = []
+    reference = None
+    multi = len(kinds) > 1
+    if multi and kinds[0] != "fp32":
+        kinds = ["fp32"] + [k for k in kinds if k != "fp32"]  # the reference runs first
+    for kind in kinds:
+        turbo = kind.startswith("turbo_kv_")
+        opts = dict(v=args.v, k_window=args.k_window, score_path=args.score_path) if turbo else {}
+        runs = []
+        for k in range(args.perturb):
+            r = perplexity(model, ids=ids, ctx=args.ctx, batch=args.batch, kv=kind,
+                           keep_logprobs=multi and kind == "fp32" and k == 0,
+                           reference=reference if k == 0 else None,
+                           perturb=k, progress=show, **opts)
+            runs.append(r)
+        if multi and kind == "fp32":
+            reference = runs[0]
+        rows.append(_row(runs, reference))
+    if multi:
+        base = next(r for r in rows if r["kv"] == "fp32")["ppl"]
+        for r in rows:
+            r["ppl_change_pct"] = 100.0 * (r["ppl"] / base - 1.0)
+
+    meta = {"model": path.name, "text": text_desc, "batch": args.batch, "ctx": args.ctx,
+            "perturb": args.perturb}
+    if args.json:
+        print(json.dumps(rows[0] | meta if not multi else {**meta, "rows": rows}, indent=2))
+    elif args.csv:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[-1].keys()), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        print(buf.getvalue(), end="")
+    elif multi:
+        print(f"model {path.name}   text {text_desc}   tokens {rows[0]['tokens']}"
+              f"   runs per type {args.perturb}")
+        print(format_table(rows))
+    else:
+        r = rows[0]
+        print(f"model   {path.name}")
+        print(f"text    {text_desc}")
+        print(f"tokens  {r['tokens']}   scored {r['n_scored']}")
+        print(f"kv      {r['kv']}   {r['kv_bytes_per_token']:,.0f} bytes/token")
+        spread = (f"   (over {args.perturb} runs: min {r['ppl_min']:.4f}, max {r['ppl_max']:.4f})"
+                  if args.perturb > 1 else "")
+        print(f"PPL     {r['ppl']:.4f}   mean NLL {r['mean_nll']:.5f}{spread}")
+        print(f"speed   {r['tok_per_s']:.1f} tokens/s")
+    return 0
+
+
+def _row(runs: list, reference) -> dict[str, Any]:
+    """One table row from a run and its perturbed repeats (the first run is unperturbed)."""
+    first = runs[0]
+    row = first.summary()
+    ppls = [r.ppl for r in runs]
+    row["ppl_runs"] = ppls
+    row["ppl_mean"] = float(sum(ppls) / len(ppls))
+    row["ppl_min"] = float(min(ppls))
+    row["ppl_max"] = float(max(ppls))
+    row["tok_per_s"] = float(sum(r.tokens for r in runs) / sum(r.seconds for r in runs))
+    row["compression_vs_fp16"] = 16.0 * 2 / (first.kv_bits[0] + first.kv_bits[1])
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The ``--kv`` comparison table as aligned text."""
+    head = ["KV", "K bits", "V bits", "bytes/tok", "vs fp16", "PPL", "PPL min..max",
+            "dPPL %", "mean KL", "top-1", "tok/s"]
+    lines = []
+    for r in rows:
+        kl = r.get("mean_kl")
+        agree = r.get("top1_agree")
+        lines.append([
+            r["kv"], f"{r['k_bits']:.2f}", f"{r['v_bits']:.2f}", f"{r['kv_bytes_per_token']:,.0f}",
+            f"{r['compression_vs_fp16']:.2f}x", f"{r['ppl']:.4f}",
+            f"{r['ppl_min']:.3f}..{r['ppl_max']:.3f}",
+            f"{r.get('ppl_change_pct', 0.0):+.2f}",
+            "-" if kl is None else f"{kl:.5f}",
+            "-" if agree is None else f"{100 * agree:.1f}%",
+            f"{r['tok_per_s']:.0f}",
+        ])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out = convert(args.input, args.output, args.type,
+                  progress=not args.no_progress and sys.stderr.isatty())
+    print(out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", help="where models are kept (default: $QUANTREF_CACHE, "
+                        "else $XDG_CACHE_HOME/quantref, else ~/.cache/quantref)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    with_model = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_model.add_argument("--model", "-m", help="a GGUF file, or a known model name "
+                            "(default: smollm2-135m, fetched on first use)")
+
+    parser = argparse.ArgumentParser(
+        prog="quantref", description="GGUF Llama models with a compressed KV cache: "
+        "a NumPy oracle and an MLX engine.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"quantref {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch", parents=[with_model], help="download the default model into the "
+                       "cache (or --model NAME)")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("info", parents=[with_model], help="architecture, hyperparameters, "
+                       "tensor types, parameters, KV bytes per token")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ppl", parents=[with_model], help="perplexity of a text")
+    p.add_argument("--text", "-f", help="UTF-8 text file (default: quantref's own English text)")
+    p.add_argument("--ctx", type=int, help="window length in tokens (default: the whole text)")
+    p.add_argument("--batch", type=int, default=256, help="tokens per forward pass (default 256)")
+    p.add_argument("--kv", default="fp32", help="KV cache type, a comma list, or 'all' "
+                   f"({', '.join(ALL_KV)}); several print a comparison table (default fp32)")
+    p.add_argument("--v", choices=("fp16", "fp32", "q4", "q2"), help="V type with a turbo_kv K "
+                   "cache (default fp16)")
+    p.add_argument("--k-window", type=int, default=0, help="turbo_kv: keep the newest N keys in "
+                   "float32 too (default 0)")
+    p.add_argument("--score-path", default="int8_codebook",
+                   choices=("int8_codebook", "fp32_codebook", "dequant"),
+                   help="turbo_kv attention-score path (default int8_codebook)")
+    p.add_argument("--perturb", type=int, default=1, metavar="N",
+                   help="run N times, the k-th with the token embeddings scaled by 1 +- k ulps, "
+                   "and report mean, min and max PPL (default 1: one exact run)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--csv", action="store_true", help="print CSV (one row per KV type)")
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("convert", parents=[common], help="re-export a GGUF with other tensor "
+                       "types (any architecture; metadata kept)")
+    p.add_argument("input", help="input .gguf")
+    p.add_argument("output", help="output .gguf (written to a temporary file, then renamed)")
+    p.add_argument("--type", required=True, choices=("q8_0", "f16", "f32"))
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .fetch import FetchError
+    from .gguf import GGUFError
+    from .model import UnsupportedModelError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FetchError, GGUFError, UnsupportedModelError, ValueError) as e:
+        print(f"quantref: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("quantref: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

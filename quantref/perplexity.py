@@ -1,0 +1,243 @@
+"""Perplexity, per-token log-probabilities, and the KL divergence between two runs.
+
+One causal pass over the text's tokens (in windows of ``ctx`` tokens when given, each with a
+fresh cache), fed to the model in batches of ``batch`` tokens; every token after the first of a
+window is scored, as llama.cpp's ``perplexity`` scores a single chunk. BOS is put in front of each
+window when the model's metadata asks for it (``tokenizer.ggml.add_bos_token``).
+
+A run keeps, per scored token, its negative log-likelihood and the model's top-1 prediction;
+with ``keep_logprobs=True`` also the whole log-probability row (``[n_scored, vocab]`` float32:
+220 MB for the 1,116 tokens of ``ppl_1k.txt`` on a 49k vocabulary), so that KL divergence can be
+computed between any two runs; with ``reference=`` a run measures its KL divergence from, and
+top-1 agreement with, a reference run as it goes, keeping nothing large.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["PerplexityResult", "kl_divergence", "log_softmax", "perplexity", "perturbation_scale"]
+
+
+@dataclass
+class PerplexityResult:
+    """What one perplexity run measured. Arrays are per scored token, in text order."""
+
+    ppl: float
+    nll: np.ndarray  # float64 [n_scored]: -log p(token | its past)
+    tokens: int  # tokens evaluated (BOS included where it was added)
+    n_scored: int
+    kv: str  # KV-cache configuration label
+    kv_bytes_per_token: float
+    kv_bits: tuple[float, float]  # stored bits per K element, per V element
+    seconds: float
+    argmax: np.ndarray  # int32 [n_scored]: the model's top-1 prediction for each scored token
+    logprobs: np.ndarray | None = None  # float32 [n_scored, vocab] when keep_logprobs
+    kl: np.ndarray | None = None  # float64 [n_scored]: KL(reference || this run) when reference
+    top1_agree: float | None = None  # fraction of scored tokens whose top-1 matches reference
+    embed_scale: float = 1.0  # the perturbation this run was made under (1.0 = none)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_nll(self) -> float:
+        return float(self.nll.mean())
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def mean_kl(self) -> float | None:
+        return None if self.kl is None else float(self.kl.mean())
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready dict of the scalar figures."""
+        out = {
+            "tokens": self.tokens,
+            "n_scored": self.n_scored,
+            "ppl": self.ppl,
+            "mean_nll": self.mean_nll,
+            "kv": self.kv,
+            "k_bits": self.kv_bits[0],
+            "v_bits": self.kv_bits[1],
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "seconds": self.seconds,
+            "tok_per_s": self.tok_per_s,
+        }
+        if self.kl is not None:
+            out["mean_kl"] = self.mean_kl
+            out["top1_agree"] = self.top1_agree
+        if self.embed_scale != 1.0:
+            out["embed_scale"] = self.embed_scale
+        out.update(self.extra)
+        return out
+
+
+def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``logits float32 [B, vocab]`` -> (``log-probabilities float32 [B, vocab]``, ``lse [B]``).
+
+    exp in float32, the sum in float64 (as llama.cpp's perplexity accumulates it).
+    """
+    peak = logits.max(axis=-1, keepdims=True)
+    shifted = logits - peak
+    lse = np.log(np.exp(shifted).sum(axis=-1, dtype=np.float64))  # float64 [B]
+    return shifted - lse[:, None].astype(np.float32), lse + peak[:, 0]
+
+
+def kl_divergence(p_logprobs: np.ndarray, q_logprobs: np.ndarray) -> np.ndarray:
+    """Per-row ``KL(p || q)`` in float64 for log-probability rows ``[n, vocab]`` -> ``[n]``."""
+    p = np.asarray(p_logprobs, dtype=np.float64)
+    q = np.asarray(q_logprobs, dtype=np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"log-probability shapes differ: {p.shape} vs {q.shape}")
+    return np.einsum("nv,nv->n", np.exp(p), p - q)
+
+
+def perturbation_scale(k: int) -> np.float32:
+    """The embedding scale of perturbation ``k``: 1.0, then 1 +- 1 ulp, 1 +- 2 ulps, ...
+
+    ``k = 0`` is exact; odd ``k`` step up, even ``k`` step down, ``(k + 1) // 2`` ulps of float32
+    away from 1 (the float32 spacing is 2^-23 above 1 and 2^-24 below it).
+    """
+    one = np.float32(1.0)
+    steps = (k + 1) // 2
+    target = np.float32(np.inf) if k % 2 else np.float32(0.0)
+    scale = one
+    for _ in range(steps):
+        scale = np.nextafter(scale, target, dtype=np.float32)
+    return scale
+
+
+def perplexity(
+    model: "Model",
+    text: str | None = None,
+    *,
+    ids: Sequence[int] | None = None,
+    ctx: int | None = None,
+    batch: int = 256,
+    kv: str = "fp32",
+    v: str | None = None,
+    k_window: int = 0,
+    score_path: str = "int8_codebook",
+    keep_logprobs: bool = False,
+    reference: PerplexityResult | None = None,
+    perturb: int = 0,
+    progress: bool | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` (or on token ``ids``) with a ``kv`` cache.
+
+    ``ctx``: window length in tokens (BOS included); default one window over the whole text, or
+    windows of the model's context length when the text is longer. ``batch``: tokens per forward
+    pass (a prefill chunk). ``perturb=k`` scales the token embeddings by
+    :func:`perturbation_scale` ``(k)`` (a 1-ulp-scale change, to measure how chaotic a result
+    is). ``reference``: a run with ``keep_logprobs=True`` to measure KL and top-1 agreement
+    against. ``progress``: a tqdm bar (default: on a terminal).
+    """
+    if (text is None) == (ids is None):
+        raise ValueError("give exactly one of text= or ids=")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    tok = model.tokenizer
+    add_bos = bool(getattr(tok, "add_bos", False)) if tok is not None else False
+    if ids is None:
+        ids = tok.encode(text, add_special=False)
+    ids = [int(i) for i in ids]
+    if len(ids) + add_bos < 2:
+        raise ValueError("the text has too few tokens to score (need at least 2)")
+    limit = model.args.max_seq_len
+    if ctx is None:
+        ctx = min(len(ids) + add_bos, limit)
+    if ctx < 2 + add_bos:
+        raise ValueError(f"ctx must be at least {2 + add_bos}, got {ctx}")
+    if ctx > limit:
+        raise ValueError(f"ctx {ctx} exceeds the model's context length {limit}")
+    per_window = ctx - add_bos
+    windows = [ids[i:i + per_window] for i in range(0, len(ids), per_window)]
+    windows = [([tok.bos_id] if add_bos else []) + w for w in windows]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise ValueError("the text has too few tokens to score (need at least 2)")
+
+    n_scored = sum(len(w) - 1 for w in windows)
+    if reference is not None:
+        if reference.logprobs is None:
+            raise ValueError("the reference run must be made with keep_logprobs=True")
+        if reference.n_scored != n_scored:
+            raise ValueError(f"reference scored {reference.n_scored} tokens, this run {n_scored}")
+    vocab = model.args.vocab_size
+    nll = np.empty(n_scored, dtype=np.float64)
+    argmax = np.empty(n_scored, dtype=np.int32)
+    logprobs = np.empty((n_scored, vocab), dtype=np.float32) if keep_logprobs else None
+    kl = np.empty(n_scored, dtype=np.float64) if reference is not None else None
+
+    scale = perturbation_scale(perturb)
+    cache = None
+    total = sum(len(w) for w in windows)
+    bar = tqdm(total=total, unit="tok", desc=f"ppl {kv}", disable=not _show(progress), leave=False)
+    start = time.perf_counter()
+    row = 0
+    try:
+        for window in windows:
+            cache = model.make_cache(kv, **_turbo_options(kv, v, k_window, score_path))
+            for b0 in range(0, len(window), batch):
+                chunk = window[b0:b0 + batch]
+                targets = window[b0 + 1:b0 + 1 + len(chunk)]  # the last position has none
+                logits = model.forward(chunk, cache, embed_scale=scale)[: len(targets)]
+                lp, lse = log_softmax(logits)
+                n = len(targets)
+                sl = slice(row, row + n)
+                nll[sl] = lse - logits[np.arange(n), targets]
+                argmax[sl] = logits.argmax(axis=-1)
+                if logprobs is not None:
+                    logprobs[sl] = lp
+                if reference is not None:
+                    kl[sl] = kl_divergence(reference.logprobs[sl], lp)
+                row += n
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    from .cache import kv_label
+
+    result = PerplexityResult(
+        ppl=math.exp(nll.mean()),
+        nll=nll,
+        tokens=total,
+        n_scored=n_scored,
+        kv=kv_label(cache),
+        kv_bytes_per_token=cache.bytes_per_token,
+        kv_bits=cache.bits_per_element,
+        seconds=seconds,
+        argmax=argmax,
+        logprobs=logprobs,
+        kl=kl,
+        top1_agree=None if reference is None else float(np.mean(argmax == reference.argmax)),
+        embed_scale=float(scale),
+    )
+    return result
+
+
+def _turbo_options(kv: str, v: str | None, k_window: int, score_path: str) -> dict[str, Any]:
+    if kv.startswith("turbo_kv_"):
+        return {"v": v, "k_window": k_window, "score_path": score_path}
+    if v is not None or k_window or score_path != "int8_codebook":
+        raise ValueError(f"v=, k_window= and score_path= apply to turbo_kv K types, not {kv!r}")
+    return {}
+
+
+def _show(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    import sys
+
+    return sys.stderr.isatty()
