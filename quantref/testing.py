@@ -1,0 +1,239 @@
+"""Tiny random Llama GGUFs that keep most tests fast.
+
+:func:`write_tiny_llama` writes a GGUF with the metadata keys, tensor names and shapes that
+llama.cpp's converter writes for a Llama model, random weights scaled so that activations stay
+O(1), and a small byte-level BPE vocabulary fixed here (so tokenizer tests can reason about it):
+
+    ids 0, 1, 2       ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` (CONTROL)
+    ids 3 .. 258      GPT-2's ``bytes_to_unicode`` symbol of byte 0 .. 255, in byte order (NORMAL)
+    ids 259 ..        the merged tokens of :data:`MERGES`, in merge-rank order (NORMAL)
+
+bos = eos = 0 (as SmolLM2's ``<|endoftext|>``), the chat template is SmolLM2's ChatML template.
+Weights are quantized with ``gguf.quants`` (llama.cpp's reference quantizers), 1-D tensors stay
+F32 as llama.cpp keeps them. The same arguments and seed always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import quants as gguf_quants
+
+from .gguf import write
+
+__all__ = [
+    "bytes_to_unicode",
+    "BYTE_TO_UNICODE",
+    "SPECIAL_TOKENS",
+    "BYTE_TOKENS",
+    "MERGES",
+    "MERGED_TOKENS",
+    "TOKENS",
+    "TOKEN_TYPES",
+    "VOCAB_SIZE",
+    "BOS_ID",
+    "EOS_ID",
+    "FIRST_BYTE_ID",
+    "FIRST_MERGED_ID",
+    "TOKEN_TYPE_NORMAL",
+    "TOKEN_TYPE_CONTROL",
+    "CHAT_TEMPLATE",
+    "QTYPES",
+    "write_tiny_llama",
+    "tiny_llama_tensor_shapes",
+]
+
+TOKEN_TYPE_NORMAL = 1  # llama.cpp's LLAMA_TOKEN_TYPE_NORMAL
+TOKEN_TYPE_CONTROL = 3  # LLAMA_TOKEN_TYPE_CONTROL
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE.
+
+    Bytes that are printable Latin-1 characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to
+    themselves; the other 68 bytes, in increasing order, map to U+0100, U+0101, ...
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    next_cp = 256
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(next_cp)
+            next_cp += 1
+    return dict(sorted(mapping.items()))
+
+
+BYTE_TO_UNICODE: dict[int, str] = bytes_to_unicode()
+SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BYTE_TOKENS: tuple[str, ...] = tuple(BYTE_TO_UNICODE[b] for b in range(256))
+# Merge rules in rank order ("Ġ" is the space byte); each merged token is a new id.
+MERGES: tuple[str, ...] = ("Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "r e")
+MERGED_TOKENS: tuple[str, ...] = tuple(m.replace(" ", "") for m in MERGES)
+TOKENS: tuple[str, ...] = SPECIAL_TOKENS + BYTE_TOKENS + MERGED_TOKENS
+TOKEN_TYPES: tuple[int, ...] = (TOKEN_TYPE_CONTROL,) * len(SPECIAL_TOKENS) + (TOKEN_TYPE_NORMAL,) * (
+    len(BYTE_TOKENS) + len(MERGED_TOKENS)
+)
+VOCAB_SIZE = len(TOKENS)  # 267
+BOS_ID = EOS_ID = 0
+FIRST_BYTE_ID = len(SPECIAL_TOKENS)  # id of byte 0
+FIRST_MERGED_ID = FIRST_BYTE_ID + 256  # id of MERGED_TOKENS[0]
+
+# SmolLM2-135M-Instruct's template, byte for byte (ChatML with a default system prompt; the
+# newlines are literal characters inside the Jinja string literals, as in the real file).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+# qtype name -> (tensor type, llama.cpp file type): the types gguf.quants can quantize.
+QTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q5_0": (GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": (GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+}
+
+
+def tiny_llama_tensor_shapes(
+    *, n_layers: int, dim: int, n_heads: int, n_kv_heads: int, hidden_dim: int,
+    tied_embeddings: bool = True, rope_freqs: bool = False, vocab_size: int = VOCAB_SIZE,
+) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> NumPy shape, in the order llama.cpp's converter writes a Llama model.
+
+    Linear weights are [out_features, in_features]; norms are [dim].
+    """
+    head_dim = dim // n_heads
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab_size, dim)}
+    if rope_freqs:
+        shapes["rope_freqs.weight"] = (head_dim // 2,)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        shapes[p + "attn_norm.weight"] = (dim,)
+        shapes[p + "ffn_down.weight"] = (dim, hidden_dim)
+        shapes[p + "ffn_gate.weight"] = (hidden_dim, dim)
+        shapes[p + "ffn_up.weight"] = (hidden_dim, dim)
+        shapes[p + "ffn_norm.weight"] = (dim,)
+        shapes[p + "attn_k.weight"] = (n_kv_heads * head_dim, dim)
+        shapes[p + "attn_output.weight"] = (dim, n_heads * head_dim)
+        shapes[p + "attn_q.weight"] = (n_heads * head_dim, dim)
+        shapes[p + "attn_v.weight"] = (n_kv_heads * head_dim, dim)
+    if not tied_embeddings:
+        shapes["output.weight"] = (vocab_size, dim)
+    shapes["output_norm.weight"] = (dim,)
+    return shapes
+
+
+def write_tiny_llama(
+    path: str | os.PathLike[str],
+    *,
+    n_layers: int = 2,
+    dim: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    hidden_dim: int = 160,
+    context_length: int = 256,
+    qtype: str = "f32",
+    embedding_qtype: str | None = None,
+    tied_embeddings: bool = True,
+    rope_freqs: bool = False,
+    rope_base: float = 10000.0,
+    norm_eps: float = 1e-5,
+    seed: int = 0,
+    add_bos: bool = False,
+) -> Path:
+    """Write a random Llama GGUF with the fixed tiny vocabulary; returns ``Path(path)``.
+
+    qtype: type of the 2-D weights ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0",
+        "q5_1"); 1-D tensors (norms, rope_freqs) are always F32.
+    embedding_qtype: type of ``token_embd.weight`` (default: ``qtype``), e.g. "q8_0" with
+        qtype "q4_1" as in the default SmolLM2 model.
+    Weights: normal, std 1/sqrt(in_features) (so each projection keeps activations O(1); the
+    embedding uses 1/sqrt(dim) so that tied logits are O(1)); norm weights 1 + N(0, 0.1^2);
+    rope_freqs factors uniform in [1, 4) (Llama-3-style long-context factors are >= 1).
+    """
+    if qtype not in QTYPES:
+        raise ValueError(f"qtype must be one of {sorted(QTYPES)}, got {qtype!r}")
+    embedding_qtype = qtype if embedding_qtype is None else embedding_qtype
+    if embedding_qtype not in QTYPES:
+        raise ValueError(f"embedding_qtype must be one of {sorted(QTYPES)}, got {embedding_qtype!r}")
+    if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
+        raise ValueError(f"dim {dim} must split into n_heads {n_heads} even-sized heads, "
+                         f"and n_heads into n_kv_heads {n_kv_heads} groups")
+    head_dim = dim // n_heads
+    weight_type, file_type = QTYPES[qtype]
+    embd_type = QTYPES[embedding_qtype][0]
+
+    metadata: dict[str, Any] = {}
+    types: dict[str, Any] = {}
+
+    def put(key: str, value: Any, vtype: Any) -> None:
+        metadata[key] = value
+        types[key] = vtype
+
+    U32, F32, STR, BOOL, ARR = (GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
+                                GGUFValueType.BOOL, GGUFValueType.ARRAY)
+    put("general.architecture", "llama", STR)
+    put("general.type", "model", STR)
+    put("general.name", "Tiny Random Llama", STR)
+    put("llama.block_count", n_layers, U32)
+    put("llama.context_length", context_length, U32)
+    put("llama.embedding_length", dim, U32)
+    put("llama.feed_forward_length", hidden_dim, U32)
+    put("llama.attention.head_count", n_heads, U32)
+    put("llama.attention.head_count_kv", n_kv_heads, U32)
+    put("llama.rope.freq_base", float(np.float32(rope_base)), F32)
+    put("llama.attention.layer_norm_rms_epsilon", float(np.float32(norm_eps)), F32)
+    put("general.file_type", int(file_type), U32)
+    put("llama.vocab_size", VOCAB_SIZE, U32)
+    put("llama.rope.dimension_count", head_dim, U32)
+    put("tokenizer.ggml.add_space_prefix", False, BOOL)
+    put("tokenizer.ggml.add_bos_token", bool(add_bos), BOOL)
+    put("tokenizer.ggml.add_eos_token", False, BOOL)
+    put("tokenizer.ggml.model", "gpt2", STR)
+    put("tokenizer.ggml.pre", "smollm", STR)
+    put("tokenizer.ggml.tokens", list(TOKENS), (ARR, STR))
+    put("tokenizer.ggml.token_type", list(TOKEN_TYPES), (ARR, GGUFValueType.INT32))
+    put("tokenizer.ggml.merges", list(MERGES), (ARR, STR))
+    put("tokenizer.ggml.bos_token_id", BOS_ID, U32)
+    put("tokenizer.ggml.eos_token_id", EOS_ID, U32)
+    put("tokenizer.ggml.unknown_token_id", 0, U32)
+    put("tokenizer.ggml.padding_token_id", 2, U32)
+    put("tokenizer.chat_template", CHAT_TEMPLATE, STR)
+    put("general.quantization_version", 2, U32)
+
+    shapes = tiny_llama_tensor_shapes(
+        n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim,
+        tied_embeddings=tied_embeddings, rope_freqs=rope_freqs,
+    )
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        if name == "rope_freqs.weight":
+            values = rng.uniform(1.0, 4.0, size=shape)
+        elif len(shape) == 1:
+            values = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name in ("token_embd.weight", "output.weight"):
+            values = rng.standard_normal(shape) / np.sqrt(dim)
+        else:
+            values = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        values = values.astype(np.float32)
+        if len(shape) == 1:
+            t = GGMLQuantizationType.F32
+        elif name == "token_embd.weight":
+            t = embd_type
+        else:
+            t = weight_type
+        encoded = gguf_quants.quantize(values, t)
+        tensors[name] = (encoded, t, shape)
+    return write(path, metadata, types, tensors)
