@@ -1,3 +1,25 @@
-"""quantref_mlx: the quantref graph in MLX, evaluated lazily (one mx.eval per step)."""
+"""quantref_mlx: quantref's graph in MLX, evaluated lazily (one ``mx.eval`` per step).
+
+Mirrors :mod:`quantref` module for module and name for name::
+
+    m = quantref_mlx.load()                  # the default model, weights kept quantized
+    r = quantref_mlx.perplexity(m, text, kv="turbo_kv_4b")
+"""
 
 __version__ = "0.1.0"
+
+from .cache import KV_TYPES, KVCache, make_cache
+from .model import Model, ModelArgs, load
+from .perplexity import PerplexityResult, kl_divergence, perplexity
+
+__all__ = [
+    "KVCache",
+    "KV_TYPES",
+    "Model",
+    "ModelArgs",
+    "PerplexityResult",
+    "kl_divergence",
+    "load",
+    "make_cache",
+    "perplexity",
+]

@@ -1,0 +1,341 @@
+"""KV caches in MLX: the same cache types, codecs and protocol as :mod:`quantref.cache`.
+
+Everything here builds graph nodes only: appending a chunk's keys writes them into
+preallocated buffers with a (lazy) slice update, and ``scores`` / ``values`` read the stored
+form back through the format's own decoder, inside the step's graph. Buffers grow in steps of
+256 tokens, as mlx-lm's caches do, so a decode step does not reallocate.
+
+Stored forms are the same bits as the NumPy oracle's (each codec says how they map to its bytes):
+fp32/fp16 arrays; ggml Q8_0/Q4_0 blocks as (codes, float16 scale) pairs; mlx-lm's affine
+(packed uint32, scales, biases); turbo_kv blocks as uint8 ``[.., n_chunks, block_bytes]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from quantref.cache import KV_TYPES, TURBO_V_TYPES
+
+__all__ = ["KV_TYPES", "TURBO_V_TYPES", "Codec", "KVCache", "kv_label", "make_cache"]
+
+Stored = tuple[mx.array, ...]  # one codec's arrays, each [n_kv_heads, T, ...]
+STEP = 256  # buffer growth, in tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Codecs
+# ---------------------------------------------------------------------------------------------
+
+class Codec:
+    """How one of K or V is stored; see quantref.cache.Codec."""
+
+    name: str = "?"
+    bits: float = 32.0
+
+    def __init__(self, head_dim: int):
+        self.head_dim = head_dim
+
+    def encode(self, x: mx.array) -> Stored:
+        raise NotImplementedError
+
+    def decode(self, stored: Stored) -> mx.array:
+        raise NotImplementedError
+
+    def scores(self, q: mx.array, stored: Stored) -> mx.array:
+        """``q [n_kv_heads, M, head_dim]`` -> ``[n_kv_heads, M, L]``."""
+        return q @ self.decode(stored).transpose(0, 2, 1)
+
+
+class Float32Codec(Codec):
+    name, bits = "fp32", 32.0
+
+    def encode(self, x):
+        return (x.astype(mx.float32),)
+
+    def decode(self, stored):
+        return stored[0]
+
+
+class Float16Codec(Codec):
+    name, bits = "fp16", 16.0
+
+    def encode(self, x):
+        return (x.astype(mx.float16),)
+
+    def decode(self, stored):
+        return stored[0].astype(mx.float32)
+
+
+class GGMLCodec(Codec):
+    """llama.cpp's Q8_0 / Q4_0 blocks (stored as codes + float16 scales), its query in Q8_0."""
+
+    def __init__(self, head_dim: int, qtype_name: str):
+        from . import quants
+
+        if head_dim % quants.QK:
+            raise ValueError(f"kv={qtype_name} needs head_dim divisible by {quants.QK}, "
+                             f"got {head_dim}")
+        super().__init__(head_dim)
+        self.name = self.qtype = qtype_name
+        self.bits = 8.0 * (2 + (32 if qtype_name == "q8_0" else 16)) / 32
+        self._quants = quants
+
+    def encode(self, x):
+        return self._quants.quantize(x, self.qtype)
+
+    def decode(self, stored):
+        return self._quants.dequantize(*stored, self.qtype)
+
+    def scores(self, q, stored):
+        q8 = self._quants.dequantize(*self._quants.quantize(q, "q8_0"), "q8_0")
+        return q8 @ self.decode(stored).transpose(0, 2, 1)
+
+
+class AffineCodec(Codec):
+    """mlx-lm's QuantizedKVCache: ``mx.quantize`` of the float16 keys, groups of 64."""
+
+    group_size = 64
+
+    def __init__(self, head_dim: int, bits: int):
+        if head_dim % self.group_size:
+            raise ValueError(f"kv=mlx_q{bits} needs head_dim divisible by {self.group_size}, "
+                             f"got {head_dim}")
+        super().__init__(head_dim)
+        self.name = f"mlx_q{bits}"
+        self.n_bits = bits
+        self.bits = bits + 2 * 16 / self.group_size
+
+    def encode(self, x):
+        return tuple(mx.quantize(x.astype(mx.float16), group_size=self.group_size,
+                                 bits=self.n_bits))
+
+    def decode(self, stored):
+        w, scales, biases = stored
+        return mx.dequantize(w, scales, biases, group_size=self.group_size,
+                             bits=self.n_bits).astype(mx.float32)
+
+
+class TurboKeyCodec(Codec):
+    """quant.cpp's turbo_kv key blocks, read back through :mod:`quantref_mlx.turbo_kv`."""
+
+    def __init__(self, head_dim: int, kind: str, score_path: str = "int8_codebook"):
+        from . import turbo_kv
+
+        if kind not in turbo_kv.KINDS:
+            raise ValueError(f"unknown turbo_kv kind {kind!r}; one of {turbo_kv.KINDS}")
+        if score_path not in turbo_kv.PATHS:
+            raise ValueError(f"unknown score_path {score_path!r}; one of {turbo_kv.PATHS}")
+        super().__init__(head_dim)
+        self.name, self.kind, self.score_path = kind, kind, score_path
+        n_chunks = -(-head_dim // turbo_kv.BLOCK)
+        self.bits = 8.0 * n_chunks * turbo_kv.block_bytes(kind) / head_dim
+        self._tkv = turbo_kv
+
+    def encode(self, x):
+        return (self._tkv.quantize(x, self.kind),)
+
+    def decode(self, stored):
+        return self._tkv.dequantize(stored[0], self.kind, self.head_dim)
+
+    def scores(self, q, stored):
+        return self._tkv.scores(q, stored[0], self.kind, self.head_dim, path=self.score_path)
+
+
+class TurboValueCodec(Codec):
+    """quant.cpp's ``q4`` / ``q2`` value formats."""
+
+    def __init__(self, head_dim: int, v_type: str):
+        from . import turbo_kv
+
+        super().__init__(head_dim)
+        self.name, self.v_type = v_type, v_type
+        self.bits = 8.0 * turbo_kv.v_bytes(v_type, head_dim) / head_dim
+        self._tkv = turbo_kv
+
+    def encode(self, x):
+        return (self._tkv.quantize_v(x, self.v_type),)
+
+    def decode(self, stored):
+        return self._tkv.dequantize_v(stored[0], self.v_type, self.head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+
+class _Buffer:
+    """MLX arrays ``[n_kv_heads, capacity, ...]``, grown along the token axis in STEP tokens."""
+
+    def __init__(self) -> None:
+        self.arrays: list[mx.array] | None = None
+
+    def write(self, at: int, parts: Stored) -> None:
+        end = at + parts[0].shape[1]
+        cap = 0 if self.arrays is None else self.arrays[0].shape[1]
+        if end > cap:
+            new_cap = -(-end // STEP) * STEP
+            grown = []
+            for i, p in enumerate(parts):
+                fresh = mx.zeros((p.shape[0], new_cap, *p.shape[2:]), p.dtype)
+                if self.arrays is not None and at:
+                    fresh[:, :at] = self.arrays[i][:, :at]
+                grown.append(fresh)
+            self.arrays = grown
+        for a, p in zip(self.arrays, parts):
+            a[:, at:end] = p  # a lazy slice update: a new graph node bound to the same name
+
+    def view(self, n: int) -> Stored:
+        assert self.arrays is not None
+        return tuple(a[:, :n] for a in self.arrays)
+
+    def nbytes(self, n: int) -> int:
+        if self.arrays is None:
+            return 0
+        return sum(a[:, :n].nbytes for a in self.arrays)
+
+
+class KVCache:
+    """See quantref.cache.KVCache: the same protocol (append, scores, values, commit)."""
+
+    def __init__(self, k_codec: Codec, v_codec: Codec, *, n_layers: int, n_kv_heads: int,
+                 head_dim: int, k_window: int = 0, kind: str | None = None,
+                 sync: Callable[[mx.array], mx.array] | None = None):
+        if k_window < 0:
+            raise ValueError(f"k_window must be >= 0, got {k_window}")
+        self.k_codec, self.v_codec = k_codec, v_codec
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.k_window = k_window
+        self.kind = kind or k_codec.name
+        self.length = 0
+        self._pending = [0] * n_layers
+        self._k = [_Buffer() for _ in range(n_layers)]
+        self._v = [_Buffer() for _ in range(n_layers)]
+        self._k_exact: list[mx.array | None] = [None] * n_layers
+        self._sync = sync or (lambda a: a)
+
+    def append(self, layer: int, k: mx.array, v: mx.array) -> None:
+        """Store this chunk's ``k, v float32 [n_kv_heads, T, head_dim]`` for ``layer``."""
+        T = k.shape[1]
+        self._k[layer].write(self.length, tuple(self._sync(p) for p in self.k_codec.encode(k)))
+        self._v[layer].write(self.length, tuple(self._sync(p) for p in self.v_codec.encode(v)))
+        if self.k_window:
+            kept = self._k_exact[layer]
+            if kept is not None and self._pending[layer]:
+                kept = kept[:, : kept.shape[1] - self._pending[layer]]
+            self._k_exact[layer] = k if kept is None else mx.concatenate([kept, k], axis=1)
+        self._pending[layer] = T
+
+    def scores(self, layer: int, q: mx.array) -> mx.array:
+        """``q [n_kv_heads, n_groups, T, head_dim]`` -> ``[n_kv_heads, n_groups, T, L]``."""
+        n_kv, n_groups, T, d = q.shape
+        L = self.length + self._pending[layer]
+        rows = q.reshape(n_kv, n_groups * T, d)
+        s = self.k_codec.scores(rows, self._k[layer].view(L)).reshape(n_kv, n_groups, T, L)
+        if self.k_window:
+            exact = self._k_exact[layer]  # positions lo .. L-1
+            lo = L - exact.shape[1]
+            s_exact = (rows @ exact.transpose(0, 2, 1)).reshape(n_kv, n_groups, T, L - lo)
+            age = (L - T + mx.arange(T))[:, None] - mx.arange(lo, L)[None, :]
+            in_window = (age >= 0) & (age < self.k_window)
+            tail = mx.where(in_window, s_exact, s[..., lo:])
+            s = tail if lo == 0 else mx.concatenate([s[..., :lo], tail], axis=-1)
+        return self._sync(s)
+
+    def values(self, layer: int) -> mx.array:
+        """``float32 [n_kv_heads, L, head_dim]``."""
+        return self._sync(self.v_codec.decode(
+            self._v[layer].view(self.length + self._pending[layer])))
+
+    def keys(self, layer: int) -> mx.array:
+        return self.k_codec.decode(self._k[layer].view(self.length + self._pending[layer]))
+
+    def stored(self, layer: int) -> tuple[Stored, Stored]:
+        L = self.length + self._pending[layer]
+        return self._k[layer].view(L), self._v[layer].view(L)
+
+    def commit(self, n: int) -> None:
+        if any(p != n for p in self._pending):
+            raise RuntimeError(f"commit({n}) but layers hold {self._pending} new tokens")
+        self.length += n
+        self._pending = [0] * self.n_layers
+        if self.k_window:
+            self._k_exact = [e[:, -self.k_window:] for e in self._k_exact]
+
+    def state(self) -> list[mx.array]:
+        """Every array the cache holds (to evaluate together with a step's outputs)."""
+        out: list[mx.array] = []
+        for b in self._k + self._v:
+            out.extend(b.arrays or [])
+        out.extend(e for e in self._k_exact if e is not None)
+        return out
+
+    @property
+    def bits_per_element(self) -> tuple[float, float]:
+        return self.k_codec.bits, self.v_codec.bits
+
+    @property
+    def bytes_per_token(self) -> float:
+        elems = self.n_layers * self.n_kv_heads * self.head_dim
+        return elems * (self.k_codec.bits + self.v_codec.bits) / 8
+
+    @property
+    def window_bytes(self) -> int:
+        return self.n_layers * self.n_kv_heads * self.k_window * self.head_dim * 4
+
+    @property
+    def nbytes(self) -> int:
+        n = self.length
+        total = sum(b.nbytes(n) for b in self._k) + sum(b.nbytes(n) for b in self._v)
+        if self.k_window:
+            total += self.n_layers * self.n_kv_heads * min(n, self.k_window) * self.head_dim * 4
+        return total
+
+    def __repr__(self) -> str:
+        return f"quantref_mlx.KVCache({kv_label(self)}, {self.length} tokens)"
+
+
+def _codecs(kv: str, head_dim: int, v: str | None, score_path: str) -> tuple[Codec, Codec]:
+    if kv == "fp32":
+        return Float32Codec(head_dim), Float32Codec(head_dim)
+    if kv == "fp16":
+        return Float16Codec(head_dim), Float16Codec(head_dim)
+    if kv in ("q8_0", "q4_0"):
+        return GGMLCodec(head_dim, kv), GGMLCodec(head_dim, kv)
+    if kv in ("mlx_q8", "mlx_q4"):
+        bits = int(kv[-1])
+        return AffineCodec(head_dim, bits), AffineCodec(head_dim, bits)
+    v = v or "fp16"
+    v_codec = {"fp16": Float16Codec, "fp32": Float32Codec}[v](head_dim) \
+        if v in ("fp16", "fp32") else TurboValueCodec(head_dim, v)
+    return TurboKeyCodec(head_dim, kv, score_path), v_codec
+
+
+def make_cache(kv: str = "fp32", *, n_layers: int, n_kv_heads: int, head_dim: int,
+               v: str | None = None, k_window: int = 0, score_path: str = "int8_codebook",
+               sync: Callable[[mx.array], mx.array] | None = None) -> KVCache:
+    """A fresh MLX KV cache; the same types and options as :func:`quantref.cache.make_cache`."""
+    if kv not in KV_TYPES:
+        raise ValueError(f"unknown kv type {kv!r}; one of: {', '.join(KV_TYPES)}")
+    turbo = kv.startswith("turbo_kv_")
+    if not turbo and (v is not None or k_window or score_path != "int8_codebook"):
+        raise ValueError(f"v=, k_window= and score_path= apply to turbo_kv K types, not {kv!r}")
+    if turbo and v is not None and v not in TURBO_V_TYPES:
+        raise ValueError(f"unknown v type {v!r}; one of: {', '.join(TURBO_V_TYPES)}")
+    k_codec, v_codec = _codecs(kv, head_dim, v, score_path)
+    return KVCache(k_codec, v_codec, n_layers=n_layers, n_kv_heads=n_kv_heads,
+                   head_dim=head_dim, k_window=k_window if turbo else 0, kind=kv, sync=sync)
+
+
+def kv_label(cache: KVCache) -> str:
+    """The same labels as :func:`quantref.cache.kv_label`."""
+    label = cache.kind
+    if isinstance(cache.k_codec, TurboKeyCodec):
+        if cache.v_codec.name != "fp16":
+            label += f"/v={cache.v_codec.name}"
+        if cache.k_window:
+            label += f"/w={cache.k_window}"
+        if cache.k_codec.score_path != "int8_codebook":
+            label += f"/{cache.k_codec.score_path}"
+    return label

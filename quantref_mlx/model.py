@@ -1,0 +1,375 @@
+"""The Llama-family forward pass in MLX: quantref's graph, evaluated lazily.
+
+This file mirrors :mod:`quantref.model` name for name; hold them side by side. The difference is
+*when* arithmetic happens: every function here only builds MLX graph nodes, and nothing is
+computed until the caller evaluates a whole step (one ``mx.eval`` per decoded token or prefill
+chunk; see :mod:`quantref_mlx.perplexity` and :mod:`quantref_mlx.generate`). That is the point
+of this half: quant.cpp's Metal backend dispatched and waited on every matmul, and lost to its
+own CPU path.
+
+``sync="op"`` evaluates after every operation instead: the per-op-sync pattern, kept on purpose
+so that its cost can be measured (``bench/decode_speed.py``).
+
+Weights come in two layouts (``load(..., weights=...)``):
+
+- ``"quantized"``: Q4_0 / Q4_1 / Q8_0 tensors stay quantized on the device, as ``mx.load``
+  reads them from the GGUF (MLX's affine format, group size 32, which represents these ggml
+  blocks exactly), and run through ``mx.quantized_matmul``: 4-6x fewer bytes to read per token
+  than float32, which is what decode speed on a GPU depends on.
+- ``"float"``: every tensor dequantized by the NumPy oracle (:mod:`quantref.quants`) and held as
+  float32, so both halves compute with bit-identical weights (the parity tests use it).
+- ``"auto"`` (default): quantized on a GPU; float on the CPU, where MLX's quantized matmul is
+  a plain loop (8 tokens/s on this project's 2-core machine) and a float32 matmul goes through
+  BLAS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from quantref.model import SUPPORTED_ARCHITECTURES, ModelArgs, UnsupportedModelError
+
+from .cache import KVCache, make_cache
+
+if TYPE_CHECKING:
+    from quantref.tokenizer import Tokenizer
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "LayerWeights",
+    "Linear",
+    "Model",
+    "ModelArgs",
+    "UnsupportedModelError",
+    "Weights",
+    "causal_mask",
+    "load",
+    "rms_norm",
+    "rope",
+    "softmax",
+    "swiglu",
+]
+
+WEIGHT_LAYOUTS = ("auto", "quantized", "float")
+
+
+@dataclass
+class Linear:
+    """A weight ``[out_features, in_features]``: float, or MLX-quantized (affine, per group).
+
+    ``x [..., in] -> [..., out]``. A quantized weight also serves as an embedding table
+    (:meth:`rows`), as the tied output projection does.
+    """
+
+    weight: mx.array  # float32 [out, in], or packed uint32 [out, in * bits / 32]
+    scales: mx.array | None = None  # [out, in / group_size]
+    biases: mx.array | None = None
+    group_size: int = 32
+    bits: int = 0  # 0: a float weight
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.bits:
+            return x @ self.weight.T
+        return mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
+                                   group_size=self.group_size, bits=self.bits)
+
+    def rows(self, ids: mx.array) -> mx.array:
+        """Rows ``ids [T]`` of the weight as float32 ``[T, in]`` (an embedding lookup)."""
+        if not self.bits:
+            return self.weight[ids]
+        # Dequantize in float32: scale * q + bias is exact there for ggml's blocks (MLX's own
+        # dequantize would round to the scales' float16).
+        w = self.weight[ids]
+        q = _unpack(w, self.bits)  # [T, in] float32 integer codes
+        s = mx.repeat(self.scales[ids].astype(mx.float32), self.group_size, axis=-1)
+        b = mx.repeat(self.biases[ids].astype(mx.float32), self.group_size, axis=-1)
+        return q * s + b
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.weight, self.scales, self.biases) if a is not None)
+
+
+def _unpack(packed: mx.array, bits: int) -> mx.array:
+    """MLX's packed uint32 codes ``[..., n * bits / 32]`` -> float32 codes ``[..., n]``."""
+    per_word = 32 // bits
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_word).astype(mx.float32)
+
+
+@dataclass
+class LayerWeights:
+    """One transformer block."""
+
+    attn_norm: mx.array  # [dim]
+    wq: Linear  # [n_heads * head_dim, dim]
+    wk: Linear  # [n_kv_heads * head_dim, dim]
+    wv: Linear  # [n_kv_heads * head_dim, dim]
+    wo: Linear  # [dim, n_heads * head_dim]
+    ffn_norm: mx.array  # [dim]
+    w_gate: Linear  # [hidden_dim, dim]
+    w_up: Linear  # [hidden_dim, dim]
+    w_down: Linear  # [dim, hidden_dim]
+
+
+@dataclass
+class Weights:
+    token_embd: Linear  # [vocab, dim]
+    layers: list[LayerWeights]
+    output_norm: mx.array  # [dim]
+    output: Linear  # [vocab, dim]; the same object as token_embd when tied
+    rope_freqs: mx.array | None = None  # [rope_dim // 2]
+
+    @property
+    def nbytes(self) -> int:
+        total = self.token_embd.nbytes + self.output_norm.nbytes
+        if self.output is not self.token_embd:
+            total += self.output.nbytes
+        for lw in self.layers:
+            total += lw.attn_norm.nbytes + lw.ffn_norm.nbytes + sum(
+                getattr(lw, n).nbytes for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The building blocks, as in quantref.model
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """``x [T, dim] -> [T, dim]``: x / sqrt(mean(x^2) + eps) * weight (MLX's fused kernel)."""
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, offset: int, args: ModelArgs, rope_freqs: mx.array | None) -> mx.array:
+    """Rotate adjacent pairs of each head of ``x [heads, T, head_dim]`` for positions
+    ``offset .. offset + T - 1`` (``traditional=True`` is MLX's name for the adjacent-pair form
+    that GGUF Llama weights need)."""
+    if rope_freqs is None:
+        return mx.fast.rope(x, args.rope_dim, traditional=True, base=args.rope_base,
+                            scale=1.0 / args.rope_scale, offset=offset)
+    # MLX takes periods: angle = position / period; period_i = base^(2i/d) * factor_i
+    periods = (args.rope_base ** (mx.arange(0, args.rope_dim, 2, dtype=mx.float32)
+                                  / args.rope_dim)) * rope_freqs
+    return mx.fast.rope(x, args.rope_dim, traditional=True, base=None,
+                        scale=1.0 / args.rope_scale, offset=offset, freqs=periods)
+
+
+def causal_mask(T: int, L: int) -> mx.array:
+    """``float32 [T, L]`` additive mask: query t (at position L - T + t) sees keys 0..L-T+t."""
+    q_pos = mx.arange(L - T, L)[:, None]
+    k_pos = mx.arange(L)[None, :]
+    return mx.where(k_pos > q_pos, mx.array(-mx.inf, mx.float32), mx.array(0.0, mx.float32))
+
+
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    """Softmax over ``axis`` in float32."""
+    return mx.softmax(x, axis=axis, precise=True)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up``."""
+    return gate * mx.sigmoid(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class Model:
+    """A Llama-family model in MLX. ``forward`` returns *lazy* logits: evaluate them (once per
+    step) with ``mx.eval``. ``sync="op"`` evaluates after every operation instead."""
+
+    def __init__(self, args: ModelArgs, weights: Weights, tokenizer: "Tokenizer | None" = None,
+                 metadata: Mapping[str, Any] | None = None, path: Path | None = None,
+                 layout: str = "quantized", sync: str = "step"):
+        if sync not in ("step", "op"):
+            raise ValueError(f"sync must be 'step' or 'op', got {sync!r}")
+        self.args = args
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.metadata = dict(metadata or {})
+        self.path = path
+        self.layout = layout
+        self.sync = sync
+
+    def _op(self, x: mx.array) -> mx.array:
+        """The per-op-sync switch: in ``sync="op"`` mode every operation is waited for."""
+        if self.sync == "op":
+            mx.eval(x)
+        return x
+
+    def make_cache(self, kv: str = "fp32", **options: Any) -> KVCache:
+        a = self.args
+        return make_cache(kv, n_layers=a.n_layers, n_kv_heads=a.n_kv_heads,
+                          head_dim=a.head_dim, sync=self._op, **options)
+
+    def forward(self, ids: Sequence[int] | np.ndarray | mx.array, cache: KVCache | None = None,
+                *, last_only: bool = False, embed_scale: float = 1.0) -> mx.array:
+        """Lazy logits ``float32 [T, vocab]`` for tokens ``ids [T]`` following ``cache``."""
+        if not isinstance(ids, mx.array):
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if ids.size == 0:
+                raise ValueError("forward needs at least one token id")
+            if ids.min() < 0 or ids.max() >= self.args.vocab_size:
+                bad = int(ids[(ids < 0) | (ids >= self.args.vocab_size)][0])
+                raise ValueError(f"token id {bad} is outside the vocabulary "
+                                 f"[0, {self.args.vocab_size})")
+            ids = mx.array(ids.astype(np.int32))
+        if cache is None:
+            cache = self.make_cache()
+        a, w, op = self.args, self.weights, self._op
+
+        x = op(w.token_embd.rows(ids))  # [T, dim]
+        if embed_scale != 1.0:
+            x = op(x * mx.array(embed_scale, mx.float32))
+        for layer in range(a.n_layers):
+            x = self.block(layer, x, cache)
+        cache.commit(ids.shape[0])
+
+        if last_only:
+            x = x[-1:]
+        x = op(rms_norm(x, w.output_norm, a.norm_eps))
+        return op(w.output(x))  # [T, vocab]
+
+    def block(self, layer: int, x: mx.array, cache: KVCache) -> mx.array:
+        """One transformer block: ``x [T, dim] -> [T, dim]``, appending its K/V to ``cache``."""
+        a, lw, op = self.args, self.weights.layers[layer], self._op
+        h = op(rms_norm(x, lw.attn_norm, a.norm_eps))
+        x = op(x + self.attention(layer, h, cache))
+        h = op(rms_norm(x, lw.ffn_norm, a.norm_eps))
+        gate, up = op(lw.w_gate(h)), op(lw.w_up(h))
+        return op(x + op(lw.w_down(op(swiglu(gate, up)))))
+
+    def attention(self, layer: int, h: mx.array, cache: KVCache) -> mx.array:
+        """Causal grouped-query attention of the chunk ``h [T, dim]`` -> ``[T, dim]``."""
+        a, lw, op = self.args, self.weights.layers[layer], self._op
+        T = h.shape[0]
+        offset = cache.length
+        freqs = self.weights.rope_freqs
+        q = op(lw.wq(h)).reshape(T, a.n_heads, a.head_dim).transpose(1, 0, 2)
+        k = op(lw.wk(h)).reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
+        v = op(lw.wv(h)).reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
+        q, k = op(rope(q, offset, a, freqs)), op(rope(k, offset, a, freqs))
+
+        cache.append(layer, k, v)  # [n_kv_heads, T, head_dim] each
+        L = offset + T
+        # Query head j uses KV head j // n_groups: [n_kv_heads, n_groups, T, head_dim]
+        q = q.reshape(a.n_kv_heads, a.n_groups, T, a.head_dim)
+        scores = op(cache.scores(layer, q) * (1.0 / math.sqrt(a.head_dim)))  # [.., T, L]
+        if T > 1:
+            scores = op(scores + causal_mask(T, L))
+        probs = op(softmax(scores)).reshape(a.n_kv_heads, a.n_groups * T, L)
+        out = op(probs @ cache.values(layer))  # [n_kv_heads, n_groups * T, head_dim]
+        out = out.reshape(a.n_heads, T, a.head_dim).transpose(1, 0, 2).reshape(T, -1)
+        return op(lw.wo(out))
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(p for p in self._param_counts()))
+
+    def _param_counts(self):
+        w = self.weights
+        for lin in [w.token_embd] + [getattr(lw, n) for lw in w.layers for n in
+                                     ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]:
+            rows, cols = lin.weight.shape
+            yield rows * (cols * 32 // lin.bits if lin.bits else cols)
+
+    def __repr__(self) -> str:
+        a = self.args
+        return (f"quantref_mlx.Model({self.path.name if self.path else '?'}: {a.n_layers} layers,"
+                f" dim {a.dim}, weights {self.layout}, sync {self.sync}, device "
+                f"{mx.default_device()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def _float_weights(numpy_weights) -> Weights:
+    """The NumPy oracle's float32 weights, moved into MLX arrays."""
+    lin = lambda a: Linear(mx.array(a))  # noqa: E731
+    layers = [LayerWeights(
+        attn_norm=mx.array(lw.attn_norm), wq=lin(lw.wq), wk=lin(lw.wk), wv=lin(lw.wv),
+        wo=lin(lw.wo), ffn_norm=mx.array(lw.ffn_norm), w_gate=lin(lw.w_gate), w_up=lin(lw.w_up),
+        w_down=lin(lw.w_down)) for lw in numpy_weights.layers]
+    embd = lin(numpy_weights.token_embd)
+    output = embd if numpy_weights.output is numpy_weights.token_embd else lin(numpy_weights.output)
+    rf = numpy_weights.rope_freqs
+    return Weights(token_embd=embd, layers=layers, output_norm=mx.array(numpy_weights.output_norm),
+                   output=output, rope_freqs=None if rf is None else mx.array(rf))
+
+
+def _quantized_weights(path: Path, gf, args: ModelArgs) -> Weights:
+    """Q4_0 / Q4_1 / Q8_0 tensors kept quantized as ``mx.load`` reads them; any other type
+    dequantized by the NumPy oracle to float32."""
+    loaded = mx.load(str(path))
+    bits_of = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+    def linear(name: str) -> Linear:
+        info = gf.tensors[name]
+        base = name[: -len(".weight")]
+        bits = bits_of.get(info.qtype.name)
+        if bits and f"{base}.scales" in loaded:
+            return Linear(loaded[name], loaded[f"{base}.scales"], loaded[f"{base}.biases"],
+                          group_size=32, bits=bits)
+        return Linear(mx.array(np.asarray(gf.tensor(name), dtype=np.float32)))
+
+    def vector(name: str) -> mx.array:
+        return mx.array(np.asarray(gf.tensor(name), dtype=np.float32))
+
+    layers = []
+    for i in range(args.n_layers):
+        b = f"blk.{i}."
+        layers.append(LayerWeights(
+            attn_norm=vector(b + "attn_norm.weight"), wq=linear(b + "attn_q.weight"),
+            wk=linear(b + "attn_k.weight"), wv=linear(b + "attn_v.weight"),
+            wo=linear(b + "attn_output.weight"), ffn_norm=vector(b + "ffn_norm.weight"),
+            w_gate=linear(b + "ffn_gate.weight"), w_up=linear(b + "ffn_up.weight"),
+            w_down=linear(b + "ffn_down.weight")))
+    embd = linear("token_embd.weight")
+    output = embd if args.tied_embeddings else linear("output.weight")
+    rf = vector("rope_freqs.weight") if "rope_freqs.weight" in gf.tensors else None
+    return Weights(token_embd=embd, layers=layers, output_norm=vector("output_norm.weight"),
+                   output=output, rope_freqs=rf)
+
+
+def on_gpu() -> bool:
+    """Whether MLX's default device is a GPU (Metal or CUDA)."""
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def load(path: str | Path | None = None, *, weights: str = "auto", sync: str = "step",
+         cache_dir: str | Path | None = None) -> Model:
+    """Load a Llama-family GGUF into MLX (the default model when ``path`` is None).
+
+    ``weights``: ``"auto"`` (default), ``"quantized"`` or ``"float"``; see the module docstring.
+    """
+    from quantref import gguf
+    from quantref.fetch import MODELS, model_path
+    from quantref.model import load_weights
+    from quantref.tokenizer import from_gguf
+
+    if weights not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {weights!r}")
+    if weights == "auto":
+        weights = "quantized" if on_gpu() else "float"
+    if path is None or (isinstance(path, str) and path in MODELS):
+        path = model_path(path or "smollm2-135m", cache_dir)
+    path = Path(path)
+    with gguf.read(path) as gf:
+        args = ModelArgs.from_metadata(gf.metadata, list(gf.tensors), path)
+        if weights == "float":
+            w = _float_weights(load_weights(gf, args))
+        else:
+            w = _quantized_weights(path, gf, args)
+        tokenizer = from_gguf(gf)
+        metadata = {k: v for k, v in gf.metadata.items() if not k.startswith("tokenizer.ggml.")}
+    mx.eval(w.token_embd.weight, *[lw.wq.weight for lw in w.layers])
+    return Model(args, w, tokenizer, metadata=metadata, path=path, layout=weights, sync=sync)

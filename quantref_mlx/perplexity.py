@@ -1,0 +1,126 @@
+"""Perplexity in MLX: :func:`quantref.perplexity.perplexity`, one ``mx.eval`` per chunk.
+
+The windows, batching, BOS handling and the result type are the oracle's
+(:class:`quantref.perplexity.PerplexityResult`); what differs is that each batch's whole graph
+(all layers, the cache updates, the log-softmax, the negative log-likelihoods and the top-1
+predictions) is built lazily and evaluated once, then its few numbers cross to the host.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import mlx.core as mx
+import numpy as np
+from tqdm.auto import tqdm
+
+from quantref.perplexity import (PerplexityResult, _show, _turbo_options, kl_divergence,
+                                 perturbation_scale)
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["PerplexityResult", "kl_divergence", "log_softmax", "perplexity"]
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """``logits [B, vocab]`` -> log-probabilities ``float32 [B, vocab]``."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def perplexity(
+    model: "Model",
+    text: str | None = None,
+    *,
+    ids: Sequence[int] | None = None,
+    ctx: int | None = None,
+    batch: int = 256,
+    kv: str = "fp32",
+    v: str | None = None,
+    k_window: int = 0,
+    score_path: str = "int8_codebook",
+    keep_logprobs: bool = False,
+    reference: PerplexityResult | None = None,
+    perturb: int = 0,
+    progress: bool | None = None,
+) -> PerplexityResult:
+    """Same arguments and result as :func:`quantref.perplexity` (see there)."""
+    if (text is None) == (ids is None):
+        raise ValueError("give exactly one of text= or ids=")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    tok = model.tokenizer
+    add_bos = bool(getattr(tok, "add_bos", False)) if tok is not None else False
+    if ids is None:
+        ids = tok.encode(text, add_special=False)
+    ids = [int(i) for i in ids]
+    if len(ids) + add_bos < 2:
+        raise ValueError("the text has too few tokens to score (need at least 2)")
+    limit = model.args.max_seq_len
+    if ctx is None:
+        ctx = min(len(ids) + add_bos, limit)
+    if ctx < 2 + add_bos:
+        raise ValueError(f"ctx must be at least {2 + add_bos}, got {ctx}")
+    if ctx > limit:
+        raise ValueError(f"ctx {ctx} exceeds the model's context length {limit}")
+    per_window = ctx - add_bos
+    windows = [([tok.bos_id] if add_bos else []) + ids[i:i + per_window]
+               for i in range(0, len(ids), per_window)]
+    windows = [w for w in windows if len(w) >= 2]
+    n_scored = sum(len(w) - 1 for w in windows)
+    if reference is not None:
+        if reference.logprobs is None:
+            raise ValueError("the reference run must be made with keep_logprobs=True")
+        if reference.n_scored != n_scored:
+            raise ValueError(f"reference scored {reference.n_scored} tokens, this run {n_scored}")
+
+    nll = np.empty(n_scored, dtype=np.float64)
+    argmax = np.empty(n_scored, dtype=np.int32)
+    logprobs = (np.empty((n_scored, model.args.vocab_size), dtype=np.float32)
+                if keep_logprobs or reference is not None else None)
+    scale = perturbation_scale(perturb)
+    total = sum(len(w) for w in windows)
+    bar = tqdm(total=total, unit="tok", desc=f"ppl {kv} (mlx)", disable=not _show(progress),
+               leave=False)
+    cache = None
+    start = time.perf_counter()
+    row = 0
+    try:
+        for window in windows:
+            cache = model.make_cache(kv, **_turbo_options(kv, v, k_window, score_path))
+            for b0 in range(0, len(window), batch):
+                chunk = window[b0:b0 + batch]
+                targets = window[b0 + 1:b0 + 1 + len(chunk)]
+                n = len(targets)
+                # The chunk's whole graph, evaluated once:
+                logits = model.forward(chunk, cache, embed_scale=float(scale))[:n]
+                lp = log_softmax(logits)
+                chunk_nll = -mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)[:, 0]
+                top1 = mx.argmax(logits, axis=-1)
+                outputs = [chunk_nll, top1] + ([lp] if logprobs is not None else [])
+                mx.eval(*outputs, *cache.state())
+                sl = slice(row, row + n)
+                nll[sl] = np.array(chunk_nll)
+                argmax[sl] = np.array(top1)
+                if logprobs is not None:
+                    logprobs[sl] = np.array(lp)
+                row += n
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    from .cache import kv_label
+
+    kl = None
+    if reference is not None:
+        kl = kl_divergence(reference.logprobs, logprobs)
+    return PerplexityResult(
+        ppl=math.exp(nll.mean()), nll=nll, tokens=total, n_scored=n_scored, kv=kv_label(cache),
+        kv_bytes_per_token=cache.bytes_per_token, kv_bits=cache.bits_per_element,
+        seconds=seconds, argmax=argmax, logprobs=logprobs if keep_logprobs else None, kl=kl,
+        top1_agree=None if reference is None else float(np.mean(argmax == reference.argmax)),
+        embed_scale=float(scale), extra={"backend": "mlx", "device": str(mx.default_device())},
+    )
