@@ -12,9 +12,13 @@ from . import turbo_kv
 from .cache import KV_TYPES, KVCache, make_cache
 from .gguf import GGUFError
 from .model import Model, ModelArgs, UnsupportedModelError, load
+from .generate import GenerationResponse, generate, stream_generate
 from .perplexity import PerplexityResult, kl_divergence, perplexity
 
 __all__ = [
+    "GenerationResponse",
+    "generate",
+    "stream_generate",
     "GGUFError",
     "KVCache",
     "KV_TYPES",

@@ -11,7 +11,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import sys
 from collections import Counter
 from importlib import resources
@@ -40,6 +39,37 @@ def _model_path(args: argparse.Namespace) -> Path:
         raise SystemExit(f"quantref: error: model file {path} does not exist "
                          f"(known model names: {', '.join(MODELS)})")
     return path
+
+
+def resolve_backend(name: str) -> str:
+    """``numpy``, ``mlx``, or for ``auto``: MLX when it has a GPU (Metal or CUDA), else NumPy."""
+    if name in ("numpy", "mlx"):
+        if name == "mlx":
+            try:
+                import mlx.core  # noqa: F401
+            except ImportError:
+                raise SystemExit("quantref: error: --backend mlx needs MLX: pip install "
+                                 "'quantref[mlx]'") from None
+        return name
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return "numpy"
+    return "mlx" if mx.default_device().type == mx.DeviceType.gpu else "numpy"
+
+
+def _engine(args: argparse.Namespace):
+    """(the backend's package, a loaded model) for a command's --backend/--model options."""
+    backend = resolve_backend(args.backend)
+    path = _model_path(args)
+    if backend == "mlx":
+        import quantref_mlx
+
+        return quantref_mlx, quantref_mlx.load(
+            path, weights=args.weights, sync="op" if args.sync_every_op else "step")
+    import quantref
+
+    return quantref, quantref.load(path)
 
 
 def _load_text(path: str | None) -> tuple[str, str]:
@@ -137,15 +167,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from . import load
-    from .perplexity import perplexity
-
     kinds = _kv_list(args.kv)
     if args.perturb < 1:
         raise SystemExit("quantref: error: --perturb needs N >= 1")
     text, text_desc = _load_text(args.text)
-    path = _model_path(args)
-    model = load(path)
+    engine, model = _engine(args)
+    perplexity = engine.perplexity
+    path = model.path
     show = not args.no_progress and sys.stderr.isatty()
     ids = model.tokenizer.encode(text, add_special=False)
 
@@ -173,7 +201,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
             r["ppl_change_pct"] = 100.0 * (r["ppl"] / base - 1.0)
 
     meta = {"model": path.name, "text": text_desc, "batch": args.batch, "ctx": args.ctx,
-            "perturb": args.perturb}
+            "perturb": args.perturb, "backend": engine.__name__}
     if args.json:
         print(json.dumps(rows[0] | meta if not multi else {**meta, "rows": rows}, indent=2))
     elif args.csv:
@@ -236,6 +264,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine, model = _engine(args)
+    opts = {}
+    if args.kv.startswith("turbo_kv_"):
+        opts = dict(v=args.v, k_window=args.k_window, score_path=args.score_path)
+    last = None
+    for last in engine.stream_generate(
+            model, args.prompt, args.max_tokens, temp=args.temp, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, chat=args.chat, kv=args.kv, **opts):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    if last is not None:
+        print()
+        print(f"[{engine.__name__}, kv {args.kv}] prompt: {last.prompt_tokens} tokens, "
+              f"{last.prompt_tps:.1f} tokens/s; generation: {last.generation_tokens} tokens, "
+              f"{last.generation_tps:.1f} tokens/s ({last.finish_reason})", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
@@ -257,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     with_model = argparse.ArgumentParser(add_help=False, parents=[common])
     with_model.add_argument("--model", "-m", help="a GGUF file, or a known model name "
                             "(default: smollm2-135m, fetched on first use)")
+    with_model.add_argument("--backend", choices=("numpy", "mlx", "auto"), default="auto",
+                            help="numpy (the oracle), mlx, or auto: MLX when it has a GPU, "
+                            "else NumPy (default auto)")
+    with_model.add_argument("--weights", choices=("auto", "quantized", "float"), default="auto",
+                            help="MLX weight layout (default auto: quantized on a GPU, float "
+                            "on the CPU)")
+    with_model.add_argument("--sync-every-op", action="store_true",
+                            help="MLX: evaluate after every operation (the per-op-sync pattern, "
+                            "to measure its cost)")
+    kv_opts = argparse.ArgumentParser(add_help=False)
+    kv_opts.add_argument("--v", choices=("fp16", "fp32", "q4", "q2"), help="V type with a "
+                         "turbo_kv K cache (default fp16)")
+    kv_opts.add_argument("--k-window", type=int, default=0, help="turbo_kv: keep the newest N "
+                         "keys in float32 too (default 0)")
+    kv_opts.add_argument("--score-path", default="int8_codebook",
+                         choices=("int8_codebook", "fp32_codebook", "dequant"),
+                         help="turbo_kv attention-score path (default int8_codebook)")
 
     parser = argparse.ArgumentParser(
         prog="quantref", description="GGUF Llama models with a compressed KV cache: "
@@ -276,19 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("ppl", parents=[with_model], help="perplexity of a text")
+    p = sub.add_parser("ppl", parents=[with_model, kv_opts], help="perplexity of a text")
     p.add_argument("--text", "-f", help="UTF-8 text file (default: quantref's own English text)")
     p.add_argument("--ctx", type=int, help="window length in tokens (default: the whole text)")
     p.add_argument("--batch", type=int, default=256, help="tokens per forward pass (default 256)")
     p.add_argument("--kv", default="fp32", help="KV cache type, a comma list, or 'all' "
                    f"({', '.join(ALL_KV)}); several print a comparison table (default fp32)")
-    p.add_argument("--v", choices=("fp16", "fp32", "q4", "q2"), help="V type with a turbo_kv K "
-                   "cache (default fp16)")
-    p.add_argument("--k-window", type=int, default=0, help="turbo_kv: keep the newest N keys in "
-                   "float32 too (default 0)")
-    p.add_argument("--score-path", default="int8_codebook",
-                   choices=("int8_codebook", "fp32_codebook", "dequant"),
-                   help="turbo_kv attention-score path (default int8_codebook)")
     p.add_argument("--perturb", type=int, default=1, metavar="N",
                    help="run N times, the k-th with the token embeddings scaled by 1 +- k ulps, "
                    "and report mean, min and max PPL (default 1: one exact run)")
@@ -296,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print JSON")
     out.add_argument("--csv", action="store_true", help="print CSV (one row per KV type)")
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("generate", parents=[with_model, kv_opts], help="generate text, "
+                       "streamed as it is produced")
+    p.add_argument("--prompt", "-p", required=True, help="the prompt")
+    p.add_argument("--max-tokens", "-n", type=int, default=128, help="at most N new tokens "
+                   "(default 128)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--kv", default="fp32", help="KV cache type (default fp32)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", parents=[common], help="re-export a GGUF with other tensor "
                        "types (any architecture; metadata kept)")

@@ -45,6 +45,8 @@ __all__ = [
     "QTYPES",
     "write_tiny_llama",
     "tiny_llama_tensor_shapes",
+    "random_model",
+    "SMOLLM2_135M_SHAPES",
 ]
 
 TOKEN_TYPE_NORMAL = 1  # llama.cpp's LLAMA_TOKEN_TYPE_NORMAL
@@ -237,3 +239,35 @@ def write_tiny_llama(
         encoded = gguf_quants.quantize(values, t)
         tensors[name] = (encoded, t, shape)
     return write(path, metadata, types, tensors)
+
+
+# SmolLM2-135M's shapes: what `random_model()` builds by default, for benchmarks on machines
+# that a model file cannot reach.
+SMOLLM2_135M_SHAPES = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                           head_dim=64, hidden_dim=1536, norm_eps=1e-5, rope_base=100000.0,
+                           rope_dim=64, rope_scale=1.0, max_seq_len=8192, tied_embeddings=True)
+
+
+def random_model(seed: int = 0, **shapes: Any):
+    """A :class:`quantref.Model` with random float32 weights (std 1/sqrt(fan_in)), no file and
+    no tokenizer: SmolLM2-135M's shapes unless ``shapes`` override them."""
+    from .model import LayerWeights, Model, ModelArgs, Weights
+
+    a = ModelArgs(**{**SMOLLM2_135M_SHAPES, **shapes})
+    rng = np.random.default_rng(seed)
+
+    def w(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return (1 + 0.1 * rng.standard_normal(a.dim)).astype(np.float32)
+
+    q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    layers = [LayerWeights(attn_norm=norm(), wq=w(q_dim, a.dim), wk=w(kv_dim, a.dim),
+                           wv=w(kv_dim, a.dim), wo=w(a.dim, q_dim), ffn_norm=norm(),
+                           w_gate=w(a.hidden_dim, a.dim), w_up=w(a.hidden_dim, a.dim),
+                           w_down=w(a.dim, a.hidden_dim)) for _ in range(a.n_layers)]
+    embd = w(a.vocab_size, a.dim) * np.float32(np.sqrt(a.dim) / 4)
+    weights = Weights(token_embd=embd, layers=layers, output_norm=norm(),
+                      output=embd if a.tied_embeddings else w(a.vocab_size, a.dim))
+    return Model(a, weights)

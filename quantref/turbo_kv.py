@@ -12,11 +12,12 @@ It also holds the value formats that go with a turbo K cache (``fp16``, ``fp32``
 
 Every step that the format fixes is float32 with one rounding per operation in the C order
 (the butterfly, the norm as a sequential sum, the codebook search). Dot products, whose
-summation order the format leaves free, are evaluated in float64 and rounded to float32 once.
+summation order the format leaves free, are float32 matrix products (as fast as the fp32 cache's).
 ``docs/oracle.md`` is the guide for kernel authors.
 """
 
 from __future__ import annotations
+
 
 from functools import lru_cache
 
@@ -608,36 +609,53 @@ def _dequantize(blocks: np.ndarray, kind: str, d: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def _rotated_keys(blocks: np.ndarray, kind: str, d: int, path: str) -> np.ndarray:
-    """Blocks ``[..., N, n_chunks, bb]`` -> float64 ``[..., N, d]`` keys in rotated space.
+    """Blocks ``[..., N, n_chunks, bb]`` -> float32 ``[..., N, d]`` keys in rotated space.
 
     Entry ``i`` of chunk ``c`` is ``norm_c * C[idx_i] / s_c`` (``fp32_codebook``) or
     ``norm_c * T[idx_i] * (R / s_c)`` (``int8_codebook``), so that one matmul with the rotated
-    queries gives every score. Evaluated in float64, i.e. the path's formula to one final
-    rounding; quant.cpp's float32 evaluation (its own rounding and summation order, which the
-    format leaves free) is within 1e-5 of a row's largest score of it.
+    queries gives every score. float32, as quant.cpp evaluates it; the rounding and summation
+    order differ from the C code's (the format leaves both free), which keeps scores within
+    1e-5 of a row's largest score of quant.cpp's.
     """
     flat = blocks.reshape(-1, *blocks.shape[-2:])
-    keys = np.empty((flat.shape[0], d), np.float64)
+    keys = np.empty((flat.shape[0], d), np.float32)
     if path == "fp32_codebook":
-        table, unit = CENTROIDS[kind].astype(np.float64), 1.0
+        table, unit = CENTROIDS[kind], np.float32(1.0)
     else:
-        table, unit = INT8_TABLES[kind].astype(np.float64), float(INT8_RECIP[kind])
+        table, unit = INT8_TABLES[kind].astype(np.float32), INT8_RECIP[kind]
     for c, (lo, hi) in enumerate(_chunks(d)):
         for part in _row_passes(flat.shape[0]):
             chunk = flat[part, c]
             norm, s = _header(chunk, hi - lo)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                factor = norm.astype(np.float64) * (unit / s.astype(np.float64))
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                factor = norm * (unit / s)
             idx = unpack_indices(chunk[:, HEADER_BYTES:], _BITS[kind], hi - lo)
             keys[part, lo:hi] = table[idx] * factor[:, None]
     return keys.reshape(*blocks.shape[:-2], d)
 
 
+@lru_cache(maxsize=None)
+def _rotation_matrix(n2: int) -> np.ndarray:
+    """``float32 [n2, n2]`` R with ``rotate(x) = x @ R.T`` in exact arithmetic: the scaled
+    Sylvester-Hadamard matrix times the sign flips. Only for queries, whose rotation the format
+    leaves to float rounding (a matmul is one BLAS call where the butterfly is 2 log2(n2)
+    passes over the data); quantization always uses the exact butterfly."""
+    h = np.ones((1, 1), np.float64)
+    while h.shape[0] < n2:
+        h = np.block([[h, h], [h, -h]])
+    signs = np.where(np.arange(n2) % 2 == 0, -1.0, 1.0)
+    r = (h * signs[None, :] / np.sqrt(n2)).astype(np.float32)
+    r.flags.writeable = False
+    return r
+
+
 def _rotate_chunks(q: np.ndarray, d: int) -> np.ndarray:
-    """Queries ``float32 [..., d]`` -> each 128-element chunk rotated on its own (float32)."""
-    out = np.empty_like(q)
+    """Queries ``float32 [..., d]`` -> each 128-element chunk rotated on its own (float32,
+    through :func:`_rotation_matrix`)."""
+    out = q.copy()
     for lo, hi in _chunks(d):
-        out[..., lo:hi] = rotate(q[..., lo:hi], hi - lo)
+        n2 = _pow2_floor(hi - lo)
+        out[..., lo:lo + n2] = q[..., lo:lo + n2] @ _rotation_matrix(n2).T
     return out
 
 
@@ -654,7 +672,7 @@ def scores(q, blocks: np.ndarray, kind: str, d: int, path: str = "int8_codebook"
       (quant.cpp's SIMD builds; about 0.5% of a score away from the exact paths).
 
     A head of several chunks sums its chunks' scores. Every key block is decoded once and all
-    scores come from one float64 matmul, rounded to float32.
+    scores come from one float32 matmul.
     """
     _check_kind(kind)
     if path not in PATHS:
@@ -674,11 +692,11 @@ def scores(q, blocks: np.ndarray, kind: str, d: int, path: str = "int8_codebook"
                          f"broadcast") from None
     _check_finite(q, "q")
     if path == "dequant":
-        q64, keys = q.astype(np.float64), _dequantize(blocks, kind, d).astype(np.float64)
+        qr, keys = q, _dequantize(blocks, kind, d)
     else:
-        q64, keys = _rotate_chunks(q, d).astype(np.float64), _rotated_keys(blocks, kind, d, path)
+        qr, keys = _rotate_chunks(q, d), _rotated_keys(blocks, kind, d, path)
     with np.errstate(invalid="ignore", over="ignore"):
-        return np.matmul(q64, np.swapaxes(keys, -1, -2)).astype(np.float32)
+        return np.matmul(qr, np.swapaxes(keys, -1, -2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,13 @@ __version__ = "0.1.0"
 
 from .cache import KV_TYPES, KVCache, make_cache
 from .model import Model, ModelArgs, load
+from .generate import GenerationResponse, generate, stream_generate
 from .perplexity import PerplexityResult, kl_divergence, perplexity
 
 __all__ = [
+    "GenerationResponse",
+    "generate",
+    "stream_generate",
     "KVCache",
     "KV_TYPES",
     "Model",

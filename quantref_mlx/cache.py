@@ -18,7 +18,8 @@ import mlx.core as mx
 
 from quantref.cache import KV_TYPES, TURBO_V_TYPES
 
-__all__ = ["KV_TYPES", "TURBO_V_TYPES", "Codec", "KVCache", "kv_label", "make_cache"]
+__all__ = ["KV_TYPES", "TURBO_V_TYPES", "Codec", "KVCache", "StepCache", "kv_label",
+           "make_cache"]
 
 Stored = tuple[mx.array, ...]  # one codec's arrays, each [n_kv_heads, T, ...]
 STEP = 256  # buffer growth, in tokens
@@ -33,6 +34,7 @@ class Codec:
 
     name: str = "?"
     bits: float = 32.0
+    plain = False  # keys are plain floats: attention may use MLX's fused kernel
 
     def __init__(self, head_dim: int):
         self.head_dim = head_dim
@@ -49,7 +51,7 @@ class Codec:
 
 
 class Float32Codec(Codec):
-    name, bits = "fp32", 32.0
+    name, bits, plain = "fp32", 32.0, True
 
     def encode(self, x):
         return (x.astype(mx.float32),)
@@ -59,7 +61,7 @@ class Float32Codec(Codec):
 
 
 class Float16Codec(Codec):
-    name, bits = "fp16", 16.0
+    name, bits, plain = "fp16", 16.0, True
 
     def encode(self, x):
         return (x.astype(mx.float16),)
@@ -215,6 +217,23 @@ class KVCache:
         self._k_exact: list[mx.array | None] = [None] * n_layers
         self._sync = sync or (lambda a: a)
 
+    @property
+    def offset(self) -> int:
+        """Position of the first token of the chunk being processed."""
+        return self.length
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether attention may read plain float keys and values with MLX's fused kernel."""
+        return self.k_codec.plain and self.v_codec.plain and not self.k_window
+
+    def mask(self, T: int) -> mx.array | None:
+        """Additive mask ``[T, L]`` for this chunk's queries; None when T == 1 (one query, the
+        newest, sees every stored key)."""
+        from .model import causal_mask
+
+        return causal_mask(T, self.length + T) if T > 1 else None
+
     def append(self, layer: int, k: mx.array, v: mx.array) -> None:
         """Store this chunk's ``k, v float32 [n_kv_heads, T, head_dim]`` for ``layer``."""
         T = k.shape[1]
@@ -271,6 +290,35 @@ class KVCache:
         out.extend(e for e in self._k_exact if e is not None)
         return out
 
+    # Compiled decode steps -------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k[0].arrays is None else self._k[0].arrays[0].shape[1]
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every buffer to ``capacity`` tokens (needs at least one stored token)."""
+        if self.capacity >= capacity:
+            return
+        for b in self._k + self._v:
+            b.arrays = [mx.concatenate([a, mx.zeros((a.shape[0], capacity - a.shape[1],
+                                                     *a.shape[2:]), a.dtype)], axis=1)
+                        for a in b.arrays]
+
+    def take_buffers(self) -> tuple[list[Stored], list[Stored]]:
+        """Hand the K and V buffers over (per layer) to a compiled step, keeping no reference,
+        so that its slice updates may write them in place instead of copying them."""
+        k = [tuple(b.arrays) for b in self._k]
+        v = [tuple(b.arrays) for b in self._v]
+        for b in self._k + self._v:
+            b.arrays = None
+        return k, v
+
+    def give_buffers(self, k: list[Stored], v: list[Stored], n: int) -> None:
+        """Adopt the buffers a compiled step returned: the cache is ``n`` tokens longer."""
+        for b, parts in zip(self._k + self._v, list(k) + list(v)):
+            b.arrays = list(parts)
+        self.length += n
+
     @property
     def bits_per_element(self) -> tuple[float, float]:
         return self.k_codec.bits, self.v_codec.bits
@@ -294,6 +342,54 @@ class KVCache:
 
     def __repr__(self) -> str:
         return f"quantref_mlx.KVCache({kv_label(self)}, {self.length} tokens)"
+
+
+class StepCache:
+    """The cache protocol over explicit buffers at a fixed capacity, with the position as an
+    array: every decode step then has the same shapes, so ``mx.compile`` traces it once (per
+    capacity) and replays it at every position. Keys beyond the position are masked out.
+
+    Built inside the compiled function from its array arguments (:meth:`KVCache.take_buffers`);
+    the updated buffers (``k``, ``v``) are the function's outputs (:meth:`KVCache.give_buffers`).
+    No k-window here.
+    """
+
+    def __init__(self, k_codec: Codec, v_codec: Codec, k: list[Stored], v: list[Stored],
+                 offset: mx.array):
+        self.k_codec, self.v_codec = k_codec, v_codec
+        self.k, self.v = list(k), list(v)
+        self.offset = offset  # int32 scalar: the position of this step's first token
+        self.capacity = k[0][0].shape[1]
+
+    @property
+    def fused_attention(self) -> bool:
+        return self.k_codec.plain and self.v_codec.plain
+
+    def mask(self, T: int) -> mx.array:
+        q_pos = self.offset + mx.arange(T)[:, None]
+        k_pos = mx.arange(self.capacity)[None, :]
+        return mx.where(k_pos > q_pos, mx.array(-mx.inf, mx.float32), mx.array(0.0, mx.float32))
+
+    def append(self, layer: int, k: mx.array, v: mx.array) -> None:
+        at = self.offset.reshape(1)
+        self.k[layer] = tuple(mx.slice_update(buf, part, at, axes=(1,))
+                              for buf, part in zip(self.k[layer], self.k_codec.encode(k)))
+        self.v[layer] = tuple(mx.slice_update(buf, part, at, axes=(1,))
+                              for buf, part in zip(self.v[layer], self.v_codec.encode(v)))
+
+    def scores(self, layer: int, q: mx.array) -> mx.array:
+        n_kv, n_groups, T, d = q.shape
+        s = self.k_codec.scores(q.reshape(n_kv, n_groups * T, d), self.k[layer])
+        return s.reshape(n_kv, n_groups, T, self.capacity)
+
+    def keys(self, layer: int) -> mx.array:
+        return self.k_codec.decode(self.k[layer])
+
+    def values(self, layer: int) -> mx.array:
+        return self.v_codec.decode(self.v[layer])
+
+    def commit(self, n: int) -> None:
+        """Nothing to do: the caller adopts the returned buffers (KVCache.take_step)."""
 
 
 def _codecs(kv: str, head_dim: int, v: str | None, score_path: str) -> tuple[Codec, Codec]:

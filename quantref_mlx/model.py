@@ -43,13 +43,16 @@ if TYPE_CHECKING:
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "LayerWeights",
+    "Fused",
     "Linear",
     "Model",
     "ModelArgs",
     "UnsupportedModelError",
     "Weights",
     "causal_mask",
+    "from_oracle",
     "load",
+    "on_gpu",
     "rms_norm",
     "rope",
     "softmax",
@@ -105,18 +108,59 @@ def _unpack(packed: mx.array, bits: int) -> mx.array:
 
 
 @dataclass
+class Fused:
+    """Linear maps of one input, as one matrix when their layouts agree (outputs side by side).
+
+    One matmul kernel instead of two or three: a decode step on a GPU is bound by how many
+    kernels it launches, not by arithmetic. Maps of different layouts (say a Q6_K V projection
+    beside Q4_0 Q and K) stay separate.
+    """
+
+    sizes: list[int]  # output features of each map
+    whole: Linear | None = None  # the concatenated map, when the layouts agree
+    parts: list[Linear] | None = None  # otherwise the maps themselves
+
+    @classmethod
+    def of(cls, *maps: Linear) -> "Fused":
+        sizes = [m.weight.shape[0] for m in maps]
+        first = maps[0]
+        if all(m.bits == first.bits and m.group_size == first.group_size for m in maps):
+            cat = lambda name: mx.concatenate([getattr(m, name) for m in maps])  # noqa: E731
+            whole = Linear(cat("weight"), cat("scales") if first.bits else None,
+                           cat("biases") if first.bits else None, first.group_size, first.bits)
+            return cls(sizes, whole=whole)
+        return cls(sizes, parts=list(maps))
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        if self.whole is None:
+            return [m(x) for m in self.parts]
+        bounds = np.cumsum(self.sizes)[:-1].tolist()
+        return mx.split(self.whole(x), bounds, axis=-1)
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [self.whole] if self.whole is not None else list(self.parts)
+
+
+@dataclass
 class LayerWeights:
-    """One transformer block."""
+    """One transformer block. Where the oracle has wq, wk, wv and w_gate, w_up, this has one
+    :class:`Fused` map each (see there why)."""
 
     attn_norm: mx.array  # [dim]
-    wq: Linear  # [n_heads * head_dim, dim]
-    wk: Linear  # [n_kv_heads * head_dim, dim]
-    wv: Linear  # [n_kv_heads * head_dim, dim]
+    wqkv: Fused  # [(n_heads + 2 n_kv_heads) * head_dim, dim] -> q, k, v
     wo: Linear  # [dim, n_heads * head_dim]
     ffn_norm: mx.array  # [dim]
-    w_gate: Linear  # [hidden_dim, dim]
-    w_up: Linear  # [hidden_dim, dim]
+    w_gate_up: Fused  # [2 * hidden_dim, dim] -> gate, up
     w_down: Linear  # [dim, hidden_dim]
+
+    @classmethod
+    def of(cls, attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down) -> "LayerWeights":
+        return cls(attn_norm, Fused.of(wq, wk, wv), wo, ffn_norm, Fused.of(w_gate, w_up), w_down)
+
+    @property
+    def linears(self) -> list[Linear]:
+        return self.wqkv.linears + [self.wo] + self.w_gate_up.linears + [self.w_down]
 
 
 @dataclass
@@ -133,8 +177,7 @@ class Weights:
         if self.output is not self.token_embd:
             total += self.output.nbytes
         for lw in self.layers:
-            total += lw.attn_norm.nbytes + lw.ffn_norm.nbytes + sum(
-                getattr(lw, n).nbytes for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+            total += lw.attn_norm.nbytes + lw.ffn_norm.nbytes + sum(m.nbytes for m in lw.linears)
         return total
 
 
@@ -244,29 +287,40 @@ class Model:
         h = op(rms_norm(x, lw.attn_norm, a.norm_eps))
         x = op(x + self.attention(layer, h, cache))
         h = op(rms_norm(x, lw.ffn_norm, a.norm_eps))
-        gate, up = op(lw.w_gate(h)), op(lw.w_up(h))
+        gate, up = (op(y) for y in lw.w_gate_up(h))
         return op(x + op(lw.w_down(op(swiglu(gate, up)))))
 
     def attention(self, layer: int, h: mx.array, cache: KVCache) -> mx.array:
         """Causal grouped-query attention of the chunk ``h [T, dim]`` -> ``[T, dim]``."""
         a, lw, op = self.args, self.weights.layers[layer], self._op
         T = h.shape[0]
-        offset = cache.length
+        offset = cache.offset  # an int, or an int32 array inside a compiled step
         freqs = self.weights.rope_freqs
-        q = op(lw.wq(h)).reshape(T, a.n_heads, a.head_dim).transpose(1, 0, 2)
-        k = op(lw.wk(h)).reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
-        v = op(lw.wv(h)).reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
+        q, k, v = (op(y) for y in lw.wqkv(h))
+        q = q.reshape(T, a.n_heads, a.head_dim).transpose(1, 0, 2)  # [n_heads, T, head_dim]
+        k = k.reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
+        v = v.reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
         q, k = op(rope(q, offset, a, freqs)), op(rope(k, offset, a, freqs))
 
         cache.append(layer, k, v)  # [n_kv_heads, T, head_dim] each
-        L = offset + T
-        # Query head j uses KV head j // n_groups: [n_kv_heads, n_groups, T, head_dim]
-        q = q.reshape(a.n_kv_heads, a.n_groups, T, a.head_dim)
-        scores = op(cache.scores(layer, q) * (1.0 / math.sqrt(a.head_dim)))  # [.., T, L]
-        if T > 1:
-            scores = op(scores + causal_mask(T, L))
-        probs = op(softmax(scores)).reshape(a.n_kv_heads, a.n_groups * T, L)
-        out = op(probs @ cache.values(layer))  # [n_kv_heads, n_groups * T, head_dim]
+        scale = 1.0 / math.sqrt(a.head_dim)
+        mask = cache.mask(T)  # additive [T, L], or None (one query sees every key)
+        if cache.fused_attention:
+            # fp32 / fp16 caches: MLX's attention kernel does scores, mask, softmax and values
+            # in one dispatch (GQA included) instead of five.
+            out = op(mx.fast.scaled_dot_product_attention(
+                q[None], cache.keys(layer)[None], cache.values(layer)[None], scale=scale,
+                mask=mask)[0])
+        else:
+            # As the oracle: scores through the cache's own format, mask, softmax, values.
+            # Query head j uses KV head j // n_groups: [n_kv_heads, n_groups, T, head_dim]
+            scores = op(cache.scores(layer, q.reshape(a.n_kv_heads, a.n_groups, T, a.head_dim))
+                        * scale)  # [n_kv_heads, n_groups, T, L]
+            if mask is not None:
+                scores = op(scores + mask)
+            L = scores.shape[-1]
+            probs = op(softmax(scores)).reshape(a.n_kv_heads, a.n_groups * T, L)
+            out = op(probs @ cache.values(layer))  # [n_kv_heads, n_groups * T, head_dim]
         out = out.reshape(a.n_heads, T, a.head_dim).transpose(1, 0, 2).reshape(T, -1)
         return op(lw.wo(out))
 
@@ -276,8 +330,7 @@ class Model:
 
     def _param_counts(self):
         w = self.weights
-        for lin in [w.token_embd] + [getattr(lw, n) for lw in w.layers for n in
-                                     ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]:
+        for lin in [w.token_embd] + [m for lw in w.layers for m in lw.linears]:
             rows, cols = lin.weight.shape
             yield rows * (cols * 32 // lin.bits if lin.bits else cols)
 
@@ -295,7 +348,7 @@ class Model:
 def _float_weights(numpy_weights) -> Weights:
     """The NumPy oracle's float32 weights, moved into MLX arrays."""
     lin = lambda a: Linear(mx.array(a))  # noqa: E731
-    layers = [LayerWeights(
+    layers = [LayerWeights.of(
         attn_norm=mx.array(lw.attn_norm), wq=lin(lw.wq), wk=lin(lw.wk), wv=lin(lw.wv),
         wo=lin(lw.wo), ffn_norm=mx.array(lw.ffn_norm), w_gate=lin(lw.w_gate), w_up=lin(lw.w_up),
         w_down=lin(lw.w_down)) for lw in numpy_weights.layers]
@@ -304,6 +357,30 @@ def _float_weights(numpy_weights) -> Weights:
     rf = numpy_weights.rope_freqs
     return Weights(token_embd=embd, layers=layers, output_norm=mx.array(numpy_weights.output_norm),
                    output=output, rope_freqs=None if rf is None else mx.array(rf))
+
+
+def from_oracle(model, weights: str = "float", bits: int = 4, sync: str = "step") -> Model:
+    """An MLX twin of a NumPy :class:`quantref.Model` (e.g. ``quantref.testing.random_model``):
+    ``weights="float"`` copies the float32 weights; ``"quantized"`` quantizes every linear
+    weight with ``mx.quantize`` (``bits``, group size 32, as MLX keeps Q4_1 / Q8_0 GGUFs)."""
+    if weights == "auto":
+        weights = "quantized" if on_gpu() else "float"
+    w = _float_weights(model.weights)
+    if weights == "quantized":
+        def q(lin: Linear) -> Linear:
+            packed, scales, biases = mx.quantize(lin.weight, group_size=32, bits=bits)
+            return Linear(packed, scales.astype(mx.float16), biases.astype(mx.float16),
+                          group_size=32, bits=bits)
+
+        tied = w.output is w.token_embd
+        for lw in w.layers:
+            lw.wqkv.whole, lw.w_gate_up.whole = q(lw.wqkv.whole), q(lw.w_gate_up.whole)
+            lw.wo, lw.w_down = q(lw.wo), q(lw.w_down)
+        w.token_embd = q(w.token_embd)
+        w.output = w.token_embd if tied else q(w.output)
+    mx.eval(w.token_embd.weight, *[m.weight for lw in w.layers for m in lw.linears])
+    return Model(model.args, w, model.tokenizer, metadata=model.metadata, path=model.path,
+                 layout=weights, sync=sync)
 
 
 def _quantized_weights(path: Path, gf, args: ModelArgs) -> Weights:
@@ -327,7 +404,7 @@ def _quantized_weights(path: Path, gf, args: ModelArgs) -> Weights:
     layers = []
     for i in range(args.n_layers):
         b = f"blk.{i}."
-        layers.append(LayerWeights(
+        layers.append(LayerWeights.of(
             attn_norm=vector(b + "attn_norm.weight"), wq=linear(b + "attn_q.weight"),
             wk=linear(b + "attn_k.weight"), wv=linear(b + "attn_v.weight"),
             wo=linear(b + "attn_output.weight"), ffn_norm=vector(b + "ffn_norm.weight"),
@@ -371,5 +448,5 @@ def load(path: str | Path | None = None, *, weights: str = "auto", sync: str = "
             w = _quantized_weights(path, gf, args)
         tokenizer = from_gguf(gf)
         metadata = {k: v for k, v in gf.metadata.items() if not k.startswith("tokenizer.ggml.")}
-    mx.eval(w.token_embd.weight, *[lw.wq.weight for lw in w.layers])
+    mx.eval(w.token_embd.weight, *[m.weight for lw in w.layers for m in lw.linears])
     return Model(args, w, tokenizer, metadata=metadata, path=path, layout=weights, sync=sync)

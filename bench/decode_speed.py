@@ -1,0 +1,199 @@
+"""Decode and prefill speed: NumPy, MLX (lazy: one evaluation per step), MLX (an evaluation
+after every operation), per KV cache type and context length; one table, ratios against lazy
+MLX measured in the same run.
+
+    python bench/decode_speed.py                       # the default model's shapes, random weights
+    python bench/decode_speed.py --model PATH          # a real GGUF
+    python bench/decode_speed.py --contexts 128,1024 --kv fp32,turbo_kv_4b --modes mlx,mlx-op
+
+At each context C a fresh cache is prefilled with C random tokens (prefill tokens/s: chunks of
+``--chunk`` tokens, one evaluation per chunk), then ``--steps`` tokens are decoded greedily, one
+at a time, each step reading its token back to the host as generation does (decode tokens/s,
+after one untimed warm-up step). Random weights serve as well as real ones for speed: the same
+shapes, the same kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("numpy", "mlx", "mlx-eager", "mlx-op")
+# mlx: lazy, one evaluation per token, the step compiled (quantref_mlx.generate.Decoder);
+# mlx-eager: lazy, one evaluation per token, the graph built op by op in Python each step;
+# mlx-op: an evaluation after every operation (the per-op-sync pattern).
+
+
+def build(args):
+    """(numpy model or None, {mode: model}) for the requested modes."""
+    import quantref
+
+    if args.model:
+        np_model = quantref.load(args.model)
+        source = Path(args.model).name
+    else:
+        from quantref.testing import random_model
+
+        np_model = random_model(seed=0)
+        source = "random weights, SmolLM2-135M shapes"
+    models = {}
+    if "numpy" in args.modes:
+        models["numpy"] = np_model
+    mlx_modes = [m for m in args.modes if m.startswith("mlx")]
+    if mlx_modes:
+        import quantref_mlx
+        from quantref_mlx.model import from_oracle
+
+        for mode in mlx_modes:
+            sync = "op" if mode == "mlx-op" else "step"
+            if mode == "mlx-eager" and "mlx" in models:
+                models[mode] = models["mlx"]  # the same model, decoded without compiling
+                continue
+            if args.model:
+                models[mode] = quantref_mlx.load(args.model, weights=args.weights, sync=sync)
+            else:
+                models[mode] = from_oracle(np_model, weights=args.weights, bits=args.bits,
+                                           sync=sync)
+    return models, source
+
+
+def run_numpy(model, kv, ctx, steps, chunk):
+    rng = np.random.default_rng(ctx)
+    ids = rng.integers(0, model.args.vocab_size, ctx).tolist()
+    cache = model.make_cache(kv)
+    t = time.perf_counter()
+    for s in range(0, ctx, chunk):
+        logits = model.forward(ids[s:s + chunk], cache, last_only=True)
+    prefill = ctx / (time.perf_counter() - t)
+    token = int(np.argmax(logits[-1]))
+    logits = model.forward([token], cache, last_only=True)  # warm-up step
+    t = time.perf_counter()
+    for _ in range(steps):
+        token = int(np.argmax(logits[-1]))
+        logits = model.forward([token], cache, last_only=True)
+    return prefill, steps / (time.perf_counter() - t)
+
+
+def run_mlx(model, kv, ctx, steps, chunk, compiled=True):
+    import mlx.core as mx
+
+    from quantref.generate import SamplerArgs
+    from quantref_mlx.generate import Decoder, make_sampler
+
+    sampler = make_sampler(SamplerArgs())
+    rng = np.random.default_rng(ctx)
+    ids = rng.integers(0, model.args.vocab_size, ctx).tolist()
+    cache = model.make_cache(kv)
+    t = time.perf_counter()
+    for s in range(0, ctx, chunk):
+        logits = model.forward(ids[s:s + chunk], cache, last_only=True)
+        mx.eval(logits, cache.state())
+    prefill = ctx / (time.perf_counter() - t)
+    decoder = Decoder(model, cache, sampler, compiled=compiled)
+    y = sampler(logits)
+    for _ in range(2):  # warm-up: the first compiled call traces
+        y = decoder(y)
+        y.item()
+    # As generation runs: step n+1 is built and started before token n is read back.
+    t = time.perf_counter()
+    for _ in range(steps):
+        nxt = decoder(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    return prefill, steps / (time.perf_counter() - t)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = f"{cpu}, {os.cpu_count()} CPU cores"
+    try:
+        import mlx.core as mx
+
+        dev = mx.default_device()
+        name = ""
+        if dev.type == mx.DeviceType.gpu:
+            try:
+                info = mx.device_info()
+                name = info.get("device_name", "") or info.get("architecture", "")
+            except Exception:  # noqa: BLE001 - informational only
+                pass
+        out += f"; MLX {mx.__version__} on {dev}{' ' + name if name else ''}"
+    except ImportError:
+        out += "; MLX not installed"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="GGUF path (default: random weights of SmolLM2-135M's shapes)")
+    ap.add_argument("--contexts", default="128,1024,4096")
+    ap.add_argument("--kv", default="fp32,fp16,turbo_kv_4b,turbo_kv_5b")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"of {MODES}")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed (MLX lazy)")
+    ap.add_argument("--slow-steps", type=int, default=8, help="decode steps for numpy / mlx-op")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+    ap.add_argument("--weights", default="auto", help="MLX weight layout: auto|quantized|float")
+    ap.add_argument("--bits", type=int, default=4, help="quantized random weights: 4 or 8")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    for m in args.modes:
+        if m not in MODES:
+            sys.exit(f"unknown mode {m!r}; of {MODES}")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    kvs = [k for k in args.kv.split(",") if k]
+
+    models, source = build(args)
+    rows = []
+    for ctx in contexts:
+        for kv in kvs:
+            for mode in args.modes:
+                steps = args.slow_steps if mode in ("numpy", "mlx-op") else args.steps
+                try:
+                    if mode == "numpy":
+                        prefill, decode = run_numpy(models[mode], kv, ctx, steps, args.chunk)
+                    else:
+                        prefill, decode = run_mlx(models[mode], kv, ctx, steps, args.chunk,
+                                                  compiled=mode == "mlx")
+                    rows.append(dict(ctx=ctx, kv=kv, mode=mode, prefill=prefill, decode=decode))
+                except Exception as e:  # noqa: BLE001 - one failure must not lose the table
+                    rows.append(dict(ctx=ctx, kv=kv, mode=mode, error=f"{type(e).__name__}: {e}"))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    print(f"machine: {machine()}")
+    layout = next((m.layout for k, m in models.items() if k.startswith("mlx")), "-")
+    print(f"model:   {source}; MLX weights {layout}; decode steps {args.steps} (lazy MLX), "
+          f"{args.slow_steps} (numpy, per-op MLX); prefill chunk {args.chunk}")
+    print("| context | KV | mode | prefill tok/s | decode tok/s | decode vs lazy MLX |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['error']} | | |")
+            continue
+        lazy = next((x for x in rows if x["ctx"] == r["ctx"] and x["kv"] == r["kv"]
+                     and x["mode"] == "mlx" and "error" not in x), None)
+        ratio = f"{r['decode'] / lazy['decode']:.2f}x" if lazy else "-"
+        print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['prefill']:.0f} | "
+              f"{r['decode']:.1f} | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

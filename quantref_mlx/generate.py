@@ -1,0 +1,170 @@
+"""Text generation in MLX: :mod:`quantref.generate`'s loop, one evaluation per token.
+
+A decode step (:func:`decode_step`) only *builds* the token's graph: all layers, the cache
+update, the logits and the sampling; the loop evaluates it once. As in mlx-lm, step n+1's graph
+is built while step n runs (``mx.async_eval``), and the only host transfer per token is reading
+the sampled id back (``.item()``), which is the output itself. The prompt is prefilled in chunks,
+one evaluation per chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from quantref.generate import GenerationResponse, SamplerArgs, encode_prompt
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+    from .model import Model
+
+__all__ = ["Decoder", "GenerationResponse", "SamplerArgs", "decode_step", "generate",
+           "make_sampler", "stream_generate"]
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+def make_sampler(args: SamplerArgs) -> Sampler:
+    """``logits [1, vocab] -> token [1]`` as graph ops (greedy, or temperature / top-k / top-p
+    and a draw from MLX's random state)."""
+    if args.temp == 0:
+        return lambda logits: mx.argmax(logits, axis=-1)
+
+    def sampler(logits: mx.array) -> mx.array:
+        z = logits.astype(mx.float32) / args.temp
+        if args.top_k and args.top_k < z.shape[-1]:
+            kth = mx.sort(z, axis=-1)[..., -args.top_k][..., None]
+            z = mx.where(z < kth, -mx.inf, z)
+        if args.top_p < 1.0:
+            p = mx.softmax(z, axis=-1)
+            order = mx.argsort(-p, axis=-1)
+            sorted_p = mx.take_along_axis(p, order, axis=-1)
+            # keep a token if the mass before it is still short of top_p
+            before = mx.cumsum(sorted_p, axis=-1) - sorted_p
+            keep_sorted = before < args.top_p
+            keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+            z = mx.where(keep, z, -mx.inf)
+        return mx.random.categorical(z, axis=-1)
+
+    return sampler
+
+
+def decode_step(model: "Model", token: mx.array, cache: "KVCache", sampler: Sampler) -> mx.array:
+    """The graph of one decoded token: ``token [1]`` -> the next token ``[1]`` (lazy)."""
+    logits = model.forward(token, cache, last_only=True)  # [1, vocab]
+    return sampler(logits)
+
+
+class Decoder:
+    """Decode steps against one cache: ``decoder(token [1]) -> next token [1]`` (lazy).
+
+    Compiled (``mx.compile``) where it can be: the cache's buffers are held at a fixed capacity
+    (a power of two, at least 256 tokens) and the position is an array, so every step has the
+    same shapes and one trace per capacity serves them all. Compiling fuses the element-wise
+    operations and, above all, replaces building the step's graph op by op in Python (a few
+    hundred operations per token) with one call. Not compiled: ``sync="op"`` models (the
+    per-op pattern is the point there) and caches with a k-window.
+    """
+
+    def __init__(self, model: "Model", cache: "KVCache", sampler: Sampler, compiled: bool = True):
+        from .cache import StepCache
+
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.compiled = compiled and model.sync == "step" and not cache.k_window
+
+        def step(token, offset, k, v):
+            view = StepCache(cache.k_codec, cache.v_codec, k, v, offset)
+            logits = model.forward(token, view, last_only=True)
+            return logits, view.k, view.v
+
+        self._step = mx.compile(step) if self.compiled else None
+
+    def __call__(self, token: mx.array) -> mx.array:
+        if not self.compiled:
+            return decode_step(self.model, token, self.cache, self.sampler)
+        cache = self.cache
+        need = cache.length + 1
+        if cache.capacity < need:
+            cache.reserve(max(256, 1 << (need - 1).bit_length()))
+        k, v = cache.take_buffers()
+        logits, k, v = self._step(token, mx.array(cache.length, dtype=mx.int32), k, v)
+        cache.give_buffers(k, v, 1)
+        return self.sampler(logits)
+
+
+def stream_generate(
+    model: "Model",
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    *,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    chat: bool = False,
+    kv: str = "fp32",
+    prefill_step: int = 256,
+    compiled: bool = True,
+    **cache_options: Any,
+) -> Iterator[GenerationResponse]:
+    """As :func:`quantref.generate.stream_generate`, evaluated once per token (``compiled``:
+    see :class:`Decoder`)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    sampler = make_sampler(SamplerArgs(temp, top_p, top_k))
+    tok = model.tokenizer
+    ids = encode_prompt(tok, prompt, chat)
+    if not ids:
+        raise ValueError("the prompt is empty (no tokens)")
+    if len(ids) + max_tokens > model.args.max_seq_len:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                         f"model's context length {model.args.max_seq_len}")
+    if seed is not None:
+        mx.random.seed(seed)
+    cache = model.make_cache(kv, **cache_options)
+
+    start = time.perf_counter()
+    for s in range(0, len(ids), prefill_step):
+        logits = model.forward(ids[s:s + prefill_step], cache, last_only=True)
+        if s + prefill_step < len(ids):
+            mx.eval(cache.state())  # one evaluation per prefill chunk
+    y = sampler(logits)
+    mx.eval(y, cache.state())  # the last chunk and the first sampled token
+    prompt_tps = len(ids) / (time.perf_counter() - start)
+
+    step = Decoder(model, cache, sampler, compiled=compiled)
+    decoder = tok.incremental_decoder()
+    start = time.perf_counter()
+    for n in range(1, max_tokens + 1):
+        if n < max_tokens:  # build token n+1's graph and start it before reading token n
+            next_y = step(y)
+            mx.async_eval(next_y)
+        token = y.item()
+        eog = token in tok.eog_ids
+        text = "" if eog else decoder.decode(tok.token_to_bytes(token))
+        finish = "stop" if eog else ("length" if n == max_tokens else None)
+        if finish == "length":
+            text += decoder.decode(b"", final=True)
+        yield GenerationResponse(text=text, token=token, prompt_tokens=len(ids),
+                                 prompt_tps=prompt_tps, generation_tokens=n,
+                                 generation_tps=n / (time.perf_counter() - start),
+                                 finish_reason=finish, peak_memory=mx.get_peak_memory() / 1e9)
+        if finish:
+            return
+        y = next_y
+
+
+def generate(model: "Model", prompt: str | Sequence[int], max_tokens: int = 256,
+             verbose: bool = False, **kwargs: Any) -> str:
+    """The whole completion as text; see :func:`quantref.generate.generate`."""
+    text, last = [], None
+    for last in stream_generate(model, prompt, max_tokens, **kwargs):
+        text.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print(f"\n\nprompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s; "
+              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
+    return "".join(text)
