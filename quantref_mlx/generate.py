@@ -65,14 +65,23 @@ class Decoder:
     same shapes and one trace per capacity serves them all. Compiling fuses the element-wise
     operations and, above all, replaces building the step's graph op by op in Python (a few
     hundred operations per token) with one call. Not compiled: ``sync="op"`` models (the
-    per-op pattern is the point there) and caches with a k-window.
+    per-op pattern is the point there), caches with a k-window, and turbo_kv caches on the CPU
+    (see ``__init__``).
     """
 
     def __init__(self, model: "Model", cache: "KVCache", sampler: Sampler, compiled: bool = True):
         from .cache import StepCache
 
+        from .cache import TurboKeyCodec
+        from .model import on_gpu
+
         self.model, self.cache, self.sampler = model, cache, sampler
-        self.compiled = compiled and model.sync == "step" and not cache.k_window
+        # On the CPU, turbo_kv's quantizer is plain MLX ops, and a compiled (fused) kernel may
+        # contract a multiply-add and round differently from the oracle; on a GPU it is a
+        # custom kernel that rounds every operation explicitly, compiled or not.
+        exact_when_fused = on_gpu() or not isinstance(cache.k_codec, TurboKeyCodec)
+        self.compiled = (compiled and model.sync == "step" and not cache.k_window
+                         and exact_when_fused)
 
         def step(token, offset, k, v):
             view = StepCache(cache.k_codec, cache.v_codec, k, v, offset)
