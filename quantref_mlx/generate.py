@@ -60,28 +60,34 @@ def decode_step(model: "Model", token: mx.array, cache: "KVCache", sampler: Samp
 class Decoder:
     """Decode steps against one cache: ``decoder(token [1]) -> next token [1]`` (lazy).
 
-    Compiled (``mx.compile``) where it can be: the cache's buffers are held at a fixed capacity
+    Compiled (``mx.compile``) or not. Compiled, the cache's buffers are held at a fixed capacity
     (a power of two, at least 256 tokens) and the position is an array, so every step has the
-    same shapes and one trace per capacity serves them all. Compiling fuses the element-wise
-    operations and, above all, replaces building the step's graph op by op in Python (a few
-    hundred operations per token) with one call. Not compiled: ``sync="op"`` models (the
-    per-op pattern is the point there), caches with a k-window, and turbo_kv caches on the CPU
-    (see ``__init__``).
+    same shapes and one trace per capacity serves them all; compiling fuses element-wise
+    operations and replaces building the step's graph op by op in Python with one call.
+
+    ``compiled=None`` (default) decides by measurement (H100, MLX 0.32.4, SmolLM2-135M shapes,
+    ``bench/decode_speed.py``): compiled for turbo_kv caches on a GPU, whose score path is many
+    small element-wise operations (62 against 30 tokens/s eager at context 128), not for
+    fp32/fp16 caches, whose steps are matmuls and fused attention already (218 against 271).
+    Never compiled: ``sync="op"`` models (the per-op pattern is the point there), caches with a
+    k-window, and turbo_kv caches on the CPU (see ``__init__``).
     """
 
-    def __init__(self, model: "Model", cache: "KVCache", sampler: Sampler, compiled: bool = True):
-        from .cache import StepCache
-
-        from .cache import TurboKeyCodec
+    def __init__(self, model: "Model", cache: "KVCache", sampler: Sampler,
+                 compiled: bool | None = None):
+        from .cache import StepCache, TurboKeyCodec
         from .model import on_gpu
 
         self.model, self.cache, self.sampler = model, cache, sampler
+        turbo = isinstance(cache.k_codec, TurboKeyCodec)
+        if compiled is None:
+            compiled = turbo and on_gpu()
         # On the CPU, turbo_kv's quantizer is plain MLX ops, and a compiled (fused) kernel may
         # contract a multiply-add and round differently from the oracle; on a GPU it is a
         # custom kernel that rounds every operation explicitly, compiled or not.
-        exact_when_fused = on_gpu() or not isinstance(cache.k_codec, TurboKeyCodec)
-        self.compiled = (compiled and model.sync == "step" and not cache.k_window
-                         and exact_when_fused)
+        exact_when_fused = on_gpu() or not turbo
+        self.compiled = bool(compiled and model.sync == "step" and not cache.k_window
+                             and exact_when_fused)
 
         def step(token, offset, k, v):
             view = StepCache(cache.k_codec, cache.v_codec, k, v, offset)
@@ -115,7 +121,7 @@ def stream_generate(
     chat: bool = False,
     kv: str = "fp32",
     prefill_step: int = 256,
-    compiled: bool = True,
+    compiled: bool | None = None,
     **cache_options: Any,
 ) -> Iterator[GenerationResponse]:
     """As :func:`quantref.generate.stream_generate`, evaluated once per token (``compiled``:
