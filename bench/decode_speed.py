@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import machine  # bench/ is the script's folder, so on sys.path
 
 MODES = ("numpy", "mlx", "mlx-eager", "mlx-op")
 # mlx: lazy, one evaluation per token, the step compiled (quantref_mlx.generate.Decoder);
@@ -112,33 +112,6 @@ def run_mlx(model, kv, ctx, steps, chunk, compiled=True):
         y = nxt
     y.item()
     return prefill, steps / (time.perf_counter() - t)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = f"{cpu}, {os.cpu_count()} CPU cores"
-    try:
-        import mlx.core as mx
-
-        dev = mx.default_device()
-        name = ""
-        if dev.type == mx.DeviceType.gpu:
-            try:
-                info = mx.device_info()
-                name = info.get("device_name", "") or info.get("architecture", "")
-            except Exception:  # noqa: BLE001 - informational only
-                pass
-        out += f"; MLX {mx.__version__} on {dev}{' ' + name if name else ''}"
-    except ImportError:
-        out += "; MLX not installed"
-    return out
 
 
 def main() -> None:

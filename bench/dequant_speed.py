@@ -11,25 +11,15 @@ figure is the best of --repeat runs (the machine is shared; the best is the leas
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from _common import best_of  # bench/ is the script folder, so on sys.path
 from quantref import quants
 from quantref.gguf import read as read_gguf
-
-
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def gguf_dequantize(data: np.ndarray, qtype: QT) -> np.ndarray:

@@ -39,6 +39,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _common import best_of  # noqa: E402 (bench/ is the script folder)
 from quantref import turbo_kv as tk  # noqa: E402
 from quantref_mlx import turbo_kv as mk  # noqa: E402
 
@@ -214,12 +215,7 @@ def check_golden(cols: list[str]) -> None:
 
 def timed(fn, repeat: int = 2) -> float:
     """Best wall time of ``fn()`` (which evaluates); the identity check before it warmed up."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_of(fn, repeat)
 
 
 def throughput(col: str, x: np.ndarray, blocks: np.ndarray, kind: str) -> tuple[str, str]:

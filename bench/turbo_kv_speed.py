@@ -13,36 +13,11 @@ a shared machine.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 
 import numpy as np
 
+from _common import best_of, machine
 from quantref import turbo_kv as tk
-
-
-def best_seconds(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, NumPy {np.__version__}")
 
 
 def main() -> None:
@@ -68,13 +43,13 @@ def main() -> None:
         keys = rng.standard_normal((args.kv_heads, args.keys, d)).astype(np.float32)
         q = rng.standard_normal((args.kv_heads, args.queries, d)).astype(np.float32)
         for kind in tk.KINDS:
-            t_q = best_seconds(lambda: tk.quantize(x, kind), args.repeat)
+            t_q = best_of(lambda: tk.quantize(x, kind), args.repeat)
             blocks = tk.quantize(x, kind)
-            t_d = best_seconds(lambda: tk.dequantize(blocks, kind, d), args.repeat)
+            t_d = best_of(lambda: tk.dequantize(blocks, kind, d), args.repeat)
             cache = tk.quantize(keys, kind)
             row = [kind, str(d), f"{args.n / t_q:,.0f}", f"{args.n / t_d:,.0f}"]
             for path in tk.PATHS:
-                t_s = best_seconds(lambda: tk.scores(q, cache, kind, d, path=path),
+                t_s = best_of(lambda: tk.scores(q, cache, kind, d, path=path),
                                    5 * args.repeat)
                 row.append(f"{args.kv_heads * args.keys / t_s:,.0f}")
             print("  ".join(c.rjust(w) for c, w in zip(row, widths)), flush=True)

@@ -21,15 +21,15 @@ Sizes are the true sizes of what is stored: ``nbytes`` and ``bytes_per_token``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 __all__ = [
     "KV_TYPES",
     "TURBO_V_TYPES",
+    "CacheSizes",
     "Codec",
     "KVCache",
+    "check_options",
     "kv_label",
     "make_cache",
 ]
@@ -233,7 +233,38 @@ class _Buffer:
         return sum(a[:, :n].nbytes for a in self.arrays)
 
 
-class KVCache:
+class CacheSizes:
+    """The size accounting both halves' caches share: K and V codecs (``bits`` per element),
+    ``n_layers * n_kv_heads * head_dim`` elements per token, a k-window of float32 keys, and
+    buffers ``_k`` / ``_v`` that can tell their stored bytes (``nbytes(n)``)."""
+
+    @property
+    def bits_per_element(self) -> tuple[float, float]:
+        """Stored bits per K element and per V element."""
+        return self.k_codec.bits, self.v_codec.bits
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes one more token adds to the cache, across layers, K and V."""
+        elems = self.n_layers * self.n_kv_heads * self.head_dim
+        return elems * (self.k_codec.bits + self.v_codec.bits) / 8
+
+    @property
+    def window_bytes(self) -> int:
+        """The fixed cost of the k-window: W float32 keys per layer and KV head."""
+        return self.n_layers * self.n_kv_heads * self.k_window * self.head_dim * 4
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored tokens take (the k-window's float32 keys counted once, W at most)."""
+        n = self.length
+        total = sum(b.nbytes(n) for b in self._k) + sum(b.nbytes(n) for b in self._v)
+        if self.k_window:
+            total += self.n_layers * self.n_kv_heads * min(n, self.k_window) * self.head_dim * 4
+        return total
+
+
+class KVCache(CacheSizes):
     """Keys and values of every layer, stored by a K codec and a V codec.
 
     Protocol with the model, per forward pass of ``T`` tokens: for each layer ``append`` the
@@ -315,32 +346,6 @@ class KVCache:
         if self.k_window:  # a later query's window reaches back at most W - 1 committed keys
             self._k_exact = [e[:, -self.k_window:] for e in self._k_exact]
 
-    # Sizes ----------------------------------------------------------------------------------
-    @property
-    def bits_per_element(self) -> tuple[float, float]:
-        """Stored bits per K element and per V element."""
-        return self.k_codec.bits, self.v_codec.bits
-
-    @property
-    def bytes_per_token(self) -> float:
-        """Bytes one more token adds to the cache, across layers, K and V."""
-        elems = self.n_layers * self.n_kv_heads * self.head_dim
-        return elems * (self.k_codec.bits + self.v_codec.bits) / 8
-
-    @property
-    def window_bytes(self) -> int:
-        """The fixed cost of the k-window: W float32 keys per layer and KV head."""
-        return self.n_layers * self.n_kv_heads * self.k_window * self.head_dim * 4
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the stored tokens take (the k-window's float32 keys counted once, W at most)."""
-        n = self.length
-        total = sum(b.nbytes(n) for b in self._k) + sum(b.nbytes(n) for b in self._v)
-        if self.k_window:
-            total += self.n_layers * self.n_kv_heads * min(n, self.k_window) * self.head_dim * 4
-        return total
-
     def __repr__(self) -> str:
         return f"KVCache({kv_label(self)}, {self.length} tokens, {self.nbytes} bytes)"
 
@@ -372,10 +377,8 @@ def _codecs(kv: str, head_dim: int, v: str | None, score_path: str) -> tuple[Cod
     raise ValueError(f"unknown kv type {kv!r}; one of: {', '.join(KV_TYPES)}")
 
 
-def make_cache(kv: str = "fp32", *, n_layers: int, n_kv_heads: int, head_dim: int,
-               v: str | None = None, k_window: int = 0,
-               score_path: str = "int8_codebook") -> KVCache:
-    """A fresh KV cache. ``v``, ``k_window`` and ``score_path`` apply to turbo_kv K types only."""
+def check_options(kv: str, v: str | None, k_window: int, score_path: str) -> bool:
+    """Validate a cache configuration; True for a turbo_kv K type (the options apply to it)."""
     if kv not in KV_TYPES:
         raise ValueError(f"unknown kv type {kv!r}; one of: {', '.join(KV_TYPES)}")
     turbo = kv.startswith("turbo_kv_")
@@ -383,15 +386,26 @@ def make_cache(kv: str = "fp32", *, n_layers: int, n_kv_heads: int, head_dim: in
         raise ValueError(f"v=, k_window= and score_path= apply to turbo_kv K types, not {kv!r}")
     if turbo and v is not None and v not in TURBO_V_TYPES:
         raise ValueError(f"unknown v type {v!r}; one of: {', '.join(TURBO_V_TYPES)}")
+    if k_window < 0:
+        raise ValueError(f"k_window must be >= 0, got {k_window}")
+    return turbo
+
+
+def make_cache(kv: str = "fp32", *, n_layers: int, n_kv_heads: int, head_dim: int,
+               v: str | None = None, k_window: int = 0,
+               score_path: str = "int8_codebook") -> KVCache:
+    """A fresh KV cache. ``v``, ``k_window`` and ``score_path`` apply to turbo_kv K types only."""
+    turbo = check_options(kv, v, k_window, score_path)
     k_codec, v_codec = _codecs(kv, head_dim, v, score_path)
     return KVCache(k_codec, v_codec, n_layers=n_layers, n_kv_heads=n_kv_heads,
                    head_dim=head_dim, k_window=k_window if turbo else 0, kind=kv)
 
 
-def kv_label(cache: KVCache) -> str:
-    """A short name for the cache configuration, e.g. ``turbo_kv_4b/v=q4/w=128/fp32_codebook``."""
+def kv_label(cache) -> str:
+    """A short name for a cache configuration (either half's), e.g.
+    ``turbo_kv_4b/v=q4/w=128/fp32_codebook``; the defaults are left out."""
     label = cache.kind
-    if isinstance(cache.k_codec, TurboKeyCodec):
+    if cache.kind.startswith("turbo_kv_"):
         if cache.v_codec.name != "fp16":
             label += f"/v={cache.v_codec.name}"
         if cache.k_window:

@@ -46,7 +46,7 @@ def resolve_backend(name: str) -> str:
     if name in ("numpy", "mlx"):
         if name == "mlx":
             try:
-                import mlx.core  # noqa: F401
+                import mlx.core  # noqa: F401 - only whether it imports
             except ImportError:
                 raise SystemExit("quantref: error: --backend mlx needs MLX: pip install "
                                  "'quantref[mlx]'") from None

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from .model import Model
     from .tokenizer import Tokenizer
 
-__all__ = ["GenerationResponse", "SamplerArgs", "encode_prompt", "generate", "sample",
-           "stream_generate"]
+__all__ = ["GenerationResponse", "Responder", "SamplerArgs", "collect", "encode_prompt",
+           "generate", "prompt_ids", "sample", "stream_generate"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,44 @@ def sample(logits: np.ndarray, args: SamplerArgs, rng: np.random.Generator) -> i
     return int(rng.choice(p.size, p=p))
 
 
+def prompt_ids(model, prompt: str | Sequence[int], max_tokens: int, chat: bool) -> list[int]:
+    """The prompt's token ids, after checking that they and ``max_tokens`` fit the model."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    ids = encode_prompt(model.tokenizer, prompt, chat)
+    if not ids:
+        raise ValueError("the prompt is empty (no tokens)")
+    if len(ids) + max_tokens > model.args.max_seq_len:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                         f"model's context length {model.args.max_seq_len}")
+    return ids
+
+
+class Responder:
+    """Turns generated tokens into :class:`GenerationResponse` s: streamed text (a character
+    split over tokens waits until it is whole), counts, speeds and the finish reason."""
+
+    def __init__(self, tokenizer: "Tokenizer", prompt_tokens: int, prompt_tps: float,
+                 max_tokens: int):
+        self.tok, self.max_tokens = tokenizer, max_tokens
+        self.prompt_tokens, self.prompt_tps = prompt_tokens, prompt_tps
+        self.decoder = tokenizer.incremental_decoder()
+        self.n = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, token: int, peak_memory: float = 0.0) -> GenerationResponse:
+        self.n += 1
+        eog = token in self.tok.eog_ids
+        text = "" if eog else self.decoder.decode(self.tok.token_to_bytes(token))
+        finish = "stop" if eog else ("length" if self.n == self.max_tokens else None)
+        if finish == "length":
+            text += self.decoder.decode(b"", final=True)
+        return GenerationResponse(text=text, token=token, prompt_tokens=self.prompt_tokens,
+                                  prompt_tps=self.prompt_tps, generation_tokens=self.n,
+                                  generation_tps=self.n / (time.perf_counter() - self.start),
+                                  finish_reason=finish, peak_memory=peak_memory)
+
+
 def stream_generate(
     model: "Model",
     prompt: str | Sequence[int],
@@ -109,49 +147,35 @@ def stream_generate(
     """Yield one :class:`GenerationResponse` per generated token; stop at an end-of-generation
     token (it is yielded, with empty text, and ``finish_reason="stop"``) or after
     ``max_tokens`` (``finish_reason="length"``)."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     sampler = SamplerArgs(temp, top_p, top_k)
-    tok = model.tokenizer
-    ids = encode_prompt(tok, prompt, chat)
-    if not ids:
-        raise ValueError("the prompt is empty (no tokens)")
-    if len(ids) + max_tokens > model.args.max_seq_len:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                         f"model's context length {model.args.max_seq_len}")
+    ids = prompt_ids(model, prompt, max_tokens, chat)
     rng = np.random.default_rng(seed)
     cache = model.make_cache(kv, **cache_options)
 
     start = time.perf_counter()
     for s in range(0, len(ids), prefill_step):
         logits = model.forward(ids[s:s + prefill_step], cache, last_only=True)
-    prompt_s = time.perf_counter() - start
-    prompt_tps = len(ids) / prompt_s
-
-    decoder = tok.incremental_decoder()
-    start = time.perf_counter()
-    for n in range(1, max_tokens + 1):
-        token = sample(logits[-1], sampler, rng)
-        eog = token in tok.eog_ids
-        text = "" if eog else decoder.decode(tok.token_to_bytes(token))
-        finish = "stop" if eog else ("length" if n == max_tokens else None)
-        if finish == "length":
-            text += decoder.decode(b"", final=True)
-        yield GenerationResponse(text=text, token=token, prompt_tokens=len(ids),
-                                 prompt_tps=prompt_tps, generation_tokens=n,
-                                 generation_tps=n / (time.perf_counter() - start),
-                                 finish_reason=finish)
-        if finish:
+    respond = Responder(model.tokenizer, len(ids), len(ids) / (time.perf_counter() - start),
+                        max_tokens)
+    while True:
+        response = respond(sample(logits[-1], sampler, rng))
+        yield response
+        if response.finish_reason:
             return
-        logits = model.forward([token], cache, last_only=True)
+        logits = model.forward([response.token], cache, last_only=True)
 
 
 def generate(model: "Model", prompt: str | Sequence[int], max_tokens: int = 256,
              verbose: bool = False, **kwargs: Any) -> str:
     """The whole completion of ``prompt`` as text (``verbose`` streams it to stdout and ends
     with the prompt and generation speeds)."""
+    return collect(stream_generate(model, prompt, max_tokens, **kwargs), verbose)
+
+
+def collect(responses: Iterator[GenerationResponse], verbose: bool = False) -> str:
+    """The text of a stream of responses (``verbose``: printed as it comes, then the speeds)."""
     text, last = [], None
-    for last in stream_generate(model, prompt, max_tokens, **kwargs):
+    for last in responses:
         text.append(last.text)
         if verbose:
             print(last.text, end="", flush=True)

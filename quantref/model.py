@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -176,6 +176,11 @@ def load_weights(gf: gguf.GGUFFile, args: ModelArgs) -> Weights:
                 f"expected {shape} from the metadata")
         return np.ascontiguousarray(gf.tensor(name), dtype=np.float32)
 
+    def linear(name: str, shape: tuple[int, int]) -> np.ndarray:
+        # [out, in] as everywhere, but laid out column-major, so that x @ W.T hands BLAS a
+        # contiguous [in, out] operand (a few percent faster than a transposed one).
+        return np.asfortranarray(tensor(name, shape))
+
     a = args
     q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     layers = []
@@ -183,14 +188,14 @@ def load_weights(gf: gguf.GGUFFile, args: ModelArgs) -> Weights:
         b = f"blk.{i}."
         layers.append(LayerWeights(
             attn_norm=tensor(b + "attn_norm.weight", (a.dim,)),
-            wq=tensor(b + "attn_q.weight", (q_dim, a.dim)),
-            wk=tensor(b + "attn_k.weight", (kv_dim, a.dim)),
-            wv=tensor(b + "attn_v.weight", (kv_dim, a.dim)),
-            wo=tensor(b + "attn_output.weight", (a.dim, q_dim)),
+            wq=linear(b + "attn_q.weight", (q_dim, a.dim)),
+            wk=linear(b + "attn_k.weight", (kv_dim, a.dim)),
+            wv=linear(b + "attn_v.weight", (kv_dim, a.dim)),
+            wo=linear(b + "attn_output.weight", (a.dim, q_dim)),
             ffn_norm=tensor(b + "ffn_norm.weight", (a.dim,)),
-            w_gate=tensor(b + "ffn_gate.weight", (a.hidden_dim, a.dim)),
-            w_up=tensor(b + "ffn_up.weight", (a.hidden_dim, a.dim)),
-            w_down=tensor(b + "ffn_down.weight", (a.dim, a.hidden_dim)),
+            w_gate=linear(b + "ffn_gate.weight", (a.hidden_dim, a.dim)),
+            w_up=linear(b + "ffn_up.weight", (a.hidden_dim, a.dim)),
+            w_down=linear(b + "ffn_down.weight", (a.dim, a.hidden_dim)),
         ))
     token_embd = tensor("token_embd.weight", (a.vocab_size, a.dim))
     output = token_embd if a.tied_embeddings else tensor("output.weight", (a.vocab_size, a.dim))

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["PerplexityResult", "kl_divergence", "log_softmax", "perplexity", "perturbation_scale"]
+__all__ = ["PerplexityResult", "kl_divergence", "log_softmax", "logsumexp", "perplexity",
+           "perturbation_scale"]
 
 
 @dataclass
@@ -82,15 +83,19 @@ class PerplexityResult:
         return out
 
 
-def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``logits float32 [B, vocab]`` -> (``log-probabilities float32 [B, vocab]``, ``lse [B]``).
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    """``logits float32 [B, vocab]`` -> ``log(sum(exp(logits)))`` float64 ``[B]``.
 
     exp in float32, the sum in float64 (as llama.cpp's perplexity accumulates it).
     """
     peak = logits.max(axis=-1, keepdims=True)
-    shifted = logits - peak
-    lse = np.log(np.exp(shifted).sum(axis=-1, dtype=np.float64))  # float64 [B]
-    return shifted - lse[:, None].astype(np.float32), lse + peak[:, 0]
+    return np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
+
+
+def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``logits float32 [B, vocab]`` -> (``log-probabilities float32 [B, vocab]``, ``lse [B]``)."""
+    lse = logsumexp(logits)
+    return (logits - lse[:, None]).astype(np.float32), lse
 
 
 def kl_divergence(p_logprobs: np.ndarray, q_logprobs: np.ndarray) -> np.ndarray:
@@ -142,37 +147,9 @@ def perplexity(
     is). ``reference``: a run with ``keep_logprobs=True`` to measure KL and top-1 agreement
     against. ``progress``: a tqdm bar (default: on a terminal).
     """
-    if (text is None) == (ids is None):
-        raise ValueError("give exactly one of text= or ids=")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    tok = model.tokenizer
-    add_bos = bool(getattr(tok, "add_bos", False)) if tok is not None else False
-    if ids is None:
-        ids = tok.encode(text, add_special=False)
-    ids = [int(i) for i in ids]
-    if len(ids) + add_bos < 2:
-        raise ValueError("the text has too few tokens to score (need at least 2)")
-    limit = model.args.max_seq_len
-    if ctx is None:
-        ctx = min(len(ids) + add_bos, limit)
-    if ctx < 2 + add_bos:
-        raise ValueError(f"ctx must be at least {2 + add_bos}, got {ctx}")
-    if ctx > limit:
-        raise ValueError(f"ctx {ctx} exceeds the model's context length {limit}")
-    per_window = ctx - add_bos
-    windows = [ids[i:i + per_window] for i in range(0, len(ids), per_window)]
-    windows = [([tok.bos_id] if add_bos else []) + w for w in windows]
-    windows = [w for w in windows if len(w) >= 2]
-    if not windows:
-        raise ValueError("the text has too few tokens to score (need at least 2)")
-
+    windows = make_windows(model, text, ids, ctx, batch)
     n_scored = sum(len(w) - 1 for w in windows)
-    if reference is not None:
-        if reference.logprobs is None:
-            raise ValueError("the reference run must be made with keep_logprobs=True")
-        if reference.n_scored != n_scored:
-            raise ValueError(f"reference scored {reference.n_scored} tokens, this run {n_scored}")
+    check_reference(reference, n_scored)
     vocab = model.args.vocab_size
     nll = np.empty(n_scored, dtype=np.float64)
     argmax = np.empty(n_scored, dtype=np.int32)
@@ -192,15 +169,17 @@ def perplexity(
                 chunk = window[b0:b0 + batch]
                 targets = window[b0 + 1:b0 + 1 + len(chunk)]  # the last position has none
                 logits = model.forward(chunk, cache, embed_scale=scale)[: len(targets)]
-                lp, lse = log_softmax(logits)
+                lse = logsumexp(logits)
                 n = len(targets)
                 sl = slice(row, row + n)
                 nll[sl] = lse - logits[np.arange(n), targets]
                 argmax[sl] = logits.argmax(axis=-1)
-                if logprobs is not None:
-                    logprobs[sl] = lp
-                if reference is not None:
-                    kl[sl] = kl_divergence(reference.logprobs[sl], lp)
+                if logprobs is not None or reference is not None:
+                    lp = (logits - lse[:, None]).astype(np.float32)
+                    if logprobs is not None:
+                        logprobs[sl] = lp
+                    if reference is not None:
+                        kl[sl] = kl_divergence(reference.logprobs[sl], lp)
                 row += n
                 bar.update(len(chunk))
     finally:
@@ -225,6 +204,44 @@ def perplexity(
         embed_scale=float(scale),
     )
     return result
+
+
+def make_windows(model, text: str | None, ids: Sequence[int] | None, ctx: int | None,
+                 batch: int) -> list[list[int]]:
+    """The token windows a run scores (BOS in front of each when the metadata asks), after
+    checking the arguments; shared by both halves."""
+    if (text is None) == (ids is None):
+        raise ValueError("give exactly one of text= or ids=")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    tok = model.tokenizer
+    add_bos = bool(getattr(tok, "add_bos", False)) if tok is not None else False
+    if ids is None:
+        ids = tok.encode(text, add_special=False)
+    ids = [int(i) for i in ids]
+    if len(ids) + add_bos < 2:
+        raise ValueError("the text has too few tokens to score (need at least 2)")
+    limit = model.args.max_seq_len
+    if ctx is None:
+        ctx = min(len(ids) + add_bos, limit)
+    if ctx < 2 + add_bos:
+        raise ValueError(f"ctx must be at least {2 + add_bos}, got {ctx}")
+    if ctx > limit:
+        raise ValueError(f"ctx {ctx} exceeds the model's context length {limit}")
+    per_window = ctx - add_bos
+    windows = [([tok.bos_id] if add_bos else []) + ids[i:i + per_window]
+               for i in range(0, len(ids), per_window)]
+    return [w for w in windows if len(w) >= 2]
+
+
+def check_reference(reference: PerplexityResult | None, n_scored: int) -> None:
+    """A reference run must have kept its log-probabilities and scored the same tokens."""
+    if reference is None:
+        return
+    if reference.logprobs is None:
+        raise ValueError("the reference run must be made with keep_logprobs=True")
+    if reference.n_scored != n_scored:
+        raise ValueError(f"reference scored {reference.n_scored} tokens, this run {n_scored}")
 
 
 def _turbo_options(kv: str, v: str | None, k_window: int, score_path: str) -> dict[str, Any]:

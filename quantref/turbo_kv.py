@@ -396,6 +396,11 @@ def unpack_indices(packed, bits: int, n: int) -> np.ndarray:
         raise ValueError(f"{n} indices of {nb} bits need {need} bytes, got packed of shape "
                          f"{packed.shape}")
     lead = packed.shape[:-1]
+    if nb == 4:  # the common case, two nibbles a byte: low nibble first
+        idx = np.empty((*lead, 2 * need), np.uint8)
+        np.bitwise_and(packed[..., :need], 0x0F, out=idx[..., 0::2])
+        np.right_shift(packed[..., :need], 4, out=idx[..., 1::2])
+        return idx[..., :n]
     groups = -(-n // 8)
     stream = np.zeros((*lead, groups * nb), np.uint8)  # whole groups of eight indices
     take = min(packed.shape[-1], groups * nb)

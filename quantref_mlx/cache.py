@@ -12,11 +12,11 @@ fp32/fp16 arrays; ggml Q8_0/Q4_0 blocks as (codes, float16 scale) pairs; mlx-lm'
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import mlx.core as mx
 
-from quantref.cache import KV_TYPES, TURBO_V_TYPES
+from quantref.cache import KV_TYPES, TURBO_V_TYPES, CacheSizes, check_options, kv_label
 
 __all__ = ["KV_TYPES", "TURBO_V_TYPES", "Codec", "KVCache", "StepCache", "kv_label",
            "make_cache"]
@@ -198,7 +198,7 @@ class _Buffer:
         return sum(a[:, :n].nbytes for a in self.arrays)
 
 
-class KVCache:
+class KVCache(CacheSizes):
     """See quantref.cache.KVCache: the same protocol (append, scores, values, commit)."""
 
     def __init__(self, k_codec: Codec, v_codec: Codec, *, n_layers: int, n_kv_heads: int,
@@ -319,27 +319,6 @@ class KVCache:
             b.arrays = list(parts)
         self.length += n
 
-    @property
-    def bits_per_element(self) -> tuple[float, float]:
-        return self.k_codec.bits, self.v_codec.bits
-
-    @property
-    def bytes_per_token(self) -> float:
-        elems = self.n_layers * self.n_kv_heads * self.head_dim
-        return elems * (self.k_codec.bits + self.v_codec.bits) / 8
-
-    @property
-    def window_bytes(self) -> int:
-        return self.n_layers * self.n_kv_heads * self.k_window * self.head_dim * 4
-
-    @property
-    def nbytes(self) -> int:
-        n = self.length
-        total = sum(b.nbytes(n) for b in self._k) + sum(b.nbytes(n) for b in self._v)
-        if self.k_window:
-            total += self.n_layers * self.n_kv_heads * min(n, self.k_window) * self.head_dim * 4
-        return total
-
     def __repr__(self) -> str:
         return f"quantref_mlx.KVCache({kv_label(self)}, {self.length} tokens)"
 
@@ -412,26 +391,7 @@ def make_cache(kv: str = "fp32", *, n_layers: int, n_kv_heads: int, head_dim: in
                v: str | None = None, k_window: int = 0, score_path: str = "int8_codebook",
                sync: Callable[[mx.array], mx.array] | None = None) -> KVCache:
     """A fresh MLX KV cache; the same types and options as :func:`quantref.cache.make_cache`."""
-    if kv not in KV_TYPES:
-        raise ValueError(f"unknown kv type {kv!r}; one of: {', '.join(KV_TYPES)}")
-    turbo = kv.startswith("turbo_kv_")
-    if not turbo and (v is not None or k_window or score_path != "int8_codebook"):
-        raise ValueError(f"v=, k_window= and score_path= apply to turbo_kv K types, not {kv!r}")
-    if turbo and v is not None and v not in TURBO_V_TYPES:
-        raise ValueError(f"unknown v type {v!r}; one of: {', '.join(TURBO_V_TYPES)}")
+    turbo = check_options(kv, v, k_window, score_path)
     k_codec, v_codec = _codecs(kv, head_dim, v, score_path)
     return KVCache(k_codec, v_codec, n_layers=n_layers, n_kv_heads=n_kv_heads,
                    head_dim=head_dim, k_window=k_window if turbo else 0, kind=kv, sync=sync)
-
-
-def kv_label(cache: KVCache) -> str:
-    """The same labels as :func:`quantref.cache.kv_label`."""
-    label = cache.kind
-    if isinstance(cache.k_codec, TurboKeyCodec):
-        if cache.v_codec.name != "fp16":
-            label += f"/v={cache.v_codec.name}"
-        if cache.k_window:
-            label += f"/w={cache.k_window}"
-        if cache.k_codec.score_path != "int8_codebook":
-            label += f"/{cache.k_codec.score_path}"
-    return label

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from quantref.generate import GenerationResponse, SamplerArgs, encode_prompt
+from quantref.generate import (GenerationResponse, Responder, SamplerArgs, collect,
+                               prompt_ids)
 
 if TYPE_CHECKING:
     from .cache import KVCache
@@ -126,16 +127,8 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """As :func:`quantref.generate.stream_generate`, evaluated once per token (``compiled``:
     see :class:`Decoder`)."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     sampler = make_sampler(SamplerArgs(temp, top_p, top_k))
-    tok = model.tokenizer
-    ids = encode_prompt(tok, prompt, chat)
-    if not ids:
-        raise ValueError("the prompt is empty (no tokens)")
-    if len(ids) + max_tokens > model.args.max_seq_len:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                         f"model's context length {model.args.max_seq_len}")
+    ids = prompt_ids(model, prompt, max_tokens, chat)
     if seed is not None:
         mx.random.seed(seed)
     cache = model.make_cache(kv, **cache_options)
@@ -147,26 +140,17 @@ def stream_generate(
             mx.eval(cache.state())  # one evaluation per prefill chunk
     y = sampler(logits)
     mx.eval(y, cache.state())  # the last chunk and the first sampled token
-    prompt_tps = len(ids) / (time.perf_counter() - start)
+    respond = Responder(model.tokenizer, len(ids), len(ids) / (time.perf_counter() - start),
+                        max_tokens)
 
     step = Decoder(model, cache, sampler, compiled=compiled)
-    decoder = tok.incremental_decoder()
-    start = time.perf_counter()
     for n in range(1, max_tokens + 1):
         if n < max_tokens:  # build token n+1's graph and start it before reading token n
             next_y = step(y)
             mx.async_eval(next_y)
-        token = y.item()
-        eog = token in tok.eog_ids
-        text = "" if eog else decoder.decode(tok.token_to_bytes(token))
-        finish = "stop" if eog else ("length" if n == max_tokens else None)
-        if finish == "length":
-            text += decoder.decode(b"", final=True)
-        yield GenerationResponse(text=text, token=token, prompt_tokens=len(ids),
-                                 prompt_tps=prompt_tps, generation_tokens=n,
-                                 generation_tps=n / (time.perf_counter() - start),
-                                 finish_reason=finish, peak_memory=mx.get_peak_memory() / 1e9)
-        if finish:
+        response = respond(y.item(), peak_memory=mx.get_peak_memory() / 1e9)
+        yield response
+        if response.finish_reason:
             return
         y = next_y
 
@@ -174,12 +158,4 @@ def stream_generate(
 def generate(model: "Model", prompt: str | Sequence[int], max_tokens: int = 256,
              verbose: bool = False, **kwargs: Any) -> str:
     """The whole completion as text; see :func:`quantref.generate.generate`."""
-    text, last = [], None
-    for last in stream_generate(model, prompt, max_tokens, **kwargs):
-        text.append(last.text)
-        if verbose:
-            print(last.text, end="", flush=True)
-    if verbose and last is not None:
-        print(f"\n\nprompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s; "
-              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
-    return "".join(text)
+    return collect(stream_generate(model, prompt, max_tokens, **kwargs), verbose)

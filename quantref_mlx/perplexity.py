@@ -16,8 +16,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from quantref.perplexity import (PerplexityResult, _show, _turbo_options, kl_divergence,
-                                 perturbation_scale)
+from quantref.perplexity import (PerplexityResult, _show, _turbo_options, check_reference,
+                                 kl_divergence, make_windows, perturbation_scale)
 
 if TYPE_CHECKING:
     from .model import Model
@@ -47,34 +47,9 @@ def perplexity(
     progress: bool | None = None,
 ) -> PerplexityResult:
     """Same arguments and result as :func:`quantref.perplexity` (see there)."""
-    if (text is None) == (ids is None):
-        raise ValueError("give exactly one of text= or ids=")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    tok = model.tokenizer
-    add_bos = bool(getattr(tok, "add_bos", False)) if tok is not None else False
-    if ids is None:
-        ids = tok.encode(text, add_special=False)
-    ids = [int(i) for i in ids]
-    if len(ids) + add_bos < 2:
-        raise ValueError("the text has too few tokens to score (need at least 2)")
-    limit = model.args.max_seq_len
-    if ctx is None:
-        ctx = min(len(ids) + add_bos, limit)
-    if ctx < 2 + add_bos:
-        raise ValueError(f"ctx must be at least {2 + add_bos}, got {ctx}")
-    if ctx > limit:
-        raise ValueError(f"ctx {ctx} exceeds the model's context length {limit}")
-    per_window = ctx - add_bos
-    windows = [([tok.bos_id] if add_bos else []) + ids[i:i + per_window]
-               for i in range(0, len(ids), per_window)]
-    windows = [w for w in windows if len(w) >= 2]
+    windows = make_windows(model, text, ids, ctx, batch)
     n_scored = sum(len(w) - 1 for w in windows)
-    if reference is not None:
-        if reference.logprobs is None:
-            raise ValueError("the reference run must be made with keep_logprobs=True")
-        if reference.n_scored != n_scored:
-            raise ValueError(f"reference scored {reference.n_scored} tokens, this run {n_scored}")
+    check_reference(reference, n_scored)
 
     nll = np.empty(n_scored, dtype=np.float64)
     argmax = np.empty(n_scored, dtype=np.int32)

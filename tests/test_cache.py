@@ -47,7 +47,7 @@ def test_reads_back_through_the_formats_own_decoder(kv):
     k, v = _kv(1, 9)
     c = _cache(kv)
     _feed(c, k, v, chunk=4)
-    (kp, *_), (vp, *_) = c.stored(0)[0], c.stored(0)[1]
+    (kp, *_), _ = c.stored(0)
     want_k = {
         "fp32": lambda: k, "fp16": lambda: k.astype(np.float16).astype(np.float32),
         "q8_0": lambda: quants.dequantize(quants.quantize(k, quants.GGMLQuantizationType.Q8_0),
@@ -102,9 +102,14 @@ def test_k_window_uses_float32_for_the_newest_keys(window, chunk):
             exact = q_all[:, :, t] @ k[:, :e].transpose(0, 2, 1)
             use_exact = (t - np.arange(e) < window) & (np.arange(e) <= t)
             want = np.where(use_exact, exact, comp)
-            # exact keys: our matmul vs NumPy's over different row sets (reassociation only)
-            np.testing.assert_allclose(got[:, :, t - s], want, rtol=0, atol=1e-5)
-            np.testing.assert_array_equal(got[:, :, t - s][..., ~use_exact], comp[..., ~use_exact])
+            # the same dot products over other row sets: BLAS blocking differs (float32
+            # reassociation, ~1e-6 of these O(10) scores)
+            row = got[:, :, t - s]
+            np.testing.assert_allclose(row, want, rtol=0, atol=1e-5)
+            # and the window really reads float32 keys: far closer to them than the blocks
+            err_exact = np.abs(row - exact)[..., use_exact].max()
+            err_comp = np.abs(comp - exact)[..., use_exact].max()
+            assert err_exact < 1e-5 < err_comp, (err_exact, err_comp)
         c.commit(e - s)
 
 
