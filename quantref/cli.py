@@ -147,6 +147,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             continue
         kv_bytes[kind] = cache.bytes_per_token
     info["kv_bytes_per_token"] = kv_bytes
+    info["backend"] = resolve_backend(args.backend)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -163,6 +164,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters    {n_params:,} in {info['n_tensors']} tensors: "
           + ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items()))
     print("KV bytes/token " + "  ".join(f"{k} {v:,.0f}" for k, v in kv_bytes.items()))
+    print(f"backend       {info['backend']} (--backend {args.backend})")
     return 0
 
 
@@ -242,8 +244,9 @@ def _row(runs: list, reference) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The ``--kv`` comparison table as aligned text."""
-    head = ["KV", "K bits", "V bits", "bytes/tok", "vs fp16", "PPL", "PPL min..max",
+    """The ``--kv`` comparison table as aligned text. PPL: the exact (unperturbed) run; mean,
+    min..max: over the ``--perturb`` runs; dPPL, KL and top-1: the exact run against fp32's."""
+    head = ["KV", "K bits", "V bits", "bytes/tok", "vs fp16", "PPL", "mean", "min..max",
             "dPPL %", "mean KL", "top-1", "tok/s"]
     lines = []
     for r in rows:
@@ -251,7 +254,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         agree = r.get("top1_agree")
         lines.append([
             r["kv"], f"{r['k_bits']:.2f}", f"{r['v_bits']:.2f}", f"{r['kv_bytes_per_token']:,.0f}",
-            f"{r['compression_vs_fp16']:.2f}x", f"{r['ppl']:.4f}",
+            f"{r['compression_vs_fp16']:.2f}x", f"{r['ppl']:.4f}", f"{r['ppl_mean']:.4f}",
             f"{r['ppl_min']:.3f}..{r['ppl_max']:.3f}",
             f"{r.get('ppl_change_pct', 0.0):+.2f}",
             "-" if kl is None else f"{kl:.5f}",
@@ -385,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FetchError, GGUFError, UnsupportedModelError, ValueError) as e:
+    except (FetchError, GGUFError, UnsupportedModelError, ValueError, OSError) as e:
         print(f"quantref: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
