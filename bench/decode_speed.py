@@ -25,10 +25,18 @@ import numpy as np
 
 from _common import machine  # bench/ is the script's folder, so on sys.path
 
-MODES = ("numpy", "mlx", "mlx-eager", "mlx-op")
-# mlx: lazy, one evaluation per token, the step compiled (quantref_mlx.generate.Decoder);
-# mlx-eager: lazy, one evaluation per token, the graph built op by op in Python each step;
-# mlx-op: an evaluation after every operation (the per-op-sync pattern).
+MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-op")
+# mlx: lazy, one evaluation per token, as generation runs it (quantref_mlx.generate.Decoder's
+#   defaults: on CUDA with an fp32/fp16 cache the fused-kernel step, compiled; turbo_kv caches
+#   on a GPU the plain graph, compiled; otherwise the plain graph);
+# mlx-plain: lazy, the plain graph built op by op in Python each step, not compiled;
+# mlx-plain-c: lazy, the plain graph compiled (mx.compile);
+# mlx-fused-eager: lazy, the fused-kernel step (quantref_mlx.fused_decode), not compiled;
+# mlx-op: an evaluation after every operation (the per-op-sync pattern, --sync-every-op).
+DECODER = {"mlx": {}, "mlx-plain": dict(compiled=False, fused=False),
+           "mlx-plain-c": dict(compiled=True, fused=False),
+           "mlx-fused-eager": dict(compiled=False, fused=True), "mlx-op": dict(fused=False)}
+DEFAULT_MODES = ("numpy", "mlx", "mlx-plain", "mlx-op")
 
 
 def build(args):
@@ -53,8 +61,10 @@ def build(args):
 
         for mode in mlx_modes:
             sync = "op" if mode == "mlx-op" else "step"
-            if mode == "mlx-eager" and "mlx" in models:
-                models[mode] = models["mlx"]  # the same model, decoded without compiling
+            shared = next((models[m] for m in models if m.startswith("mlx") and m != "mlx-op"),
+                          None)
+            if mode != "mlx-op" and shared is not None:
+                models[mode] = shared  # the same model, decoded another way
                 continue
             if args.model:
                 models[mode] = quantref_mlx.load(args.model, weights=args.weights, sync=sync)
@@ -81,7 +91,7 @@ def run_numpy(model, kv, ctx, steps, chunk):
     return prefill, steps / (time.perf_counter() - t)
 
 
-def run_mlx(model, kv, ctx, steps, chunk, compiled=True):
+def run_mlx(model, kv, ctx, steps, chunk, decoder_options):
     import mlx.core as mx
 
     from quantref.generate import SamplerArgs
@@ -98,7 +108,7 @@ def run_mlx(model, kv, ctx, steps, chunk, compiled=True):
         logits = model.forward(ids[s:s + chunk], cache, last_only=True)
         mx.eval(logits, cache.state())
     prefill = ctx / (time.perf_counter() - t)
-    decoder = Decoder(model, cache, sampler, compiled=compiled)
+    decoder = Decoder(model, cache, sampler, **decoder_options)
     y = sampler(logits)
     for _ in range(2):  # warm-up: the first compiled call traces
         y = decoder(y)
@@ -114,12 +124,28 @@ def run_mlx(model, kv, ctx, steps, chunk, compiled=True):
     return prefill, steps / (time.perf_counter() - t)
 
 
+def warm_up(models, kvs, chunk) -> None:
+    """Run every MLX decode path once, untimed, at a context long enough for the fused step's
+    split attention: a kernel's first use compiles it (NVRTC, ~1 s), which must not land in a
+    timed row."""
+    import mlx.core as mx
+
+    for mode, model in models.items():
+        if mode == "numpy" or mode == "mlx-op":
+            continue
+        for kv in kvs:
+            if mode == "mlx-fused-eager" and kv not in ("fp32", "fp16"):
+                continue
+            run_mlx(model, kv, 300, 2, chunk, DECODER[mode])
+    mx.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF path (default: random weights of SmolLM2-135M's shapes)")
     ap.add_argument("--contexts", default="128,1024,4096")
     ap.add_argument("--kv", default="fp32,fp16,turbo_kv_4b,turbo_kv_5b")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"of {MODES}")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {MODES}")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed (MLX lazy)")
     ap.add_argument("--slow-steps", type=int, default=8, help="decode steps for numpy / mlx-op")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
@@ -135,17 +161,20 @@ def main() -> None:
     kvs = [k for k in args.kv.split(",") if k]
 
     models, source = build(args)
+    warm_up(models, kvs, args.chunk)
     rows = []
     for ctx in contexts:
         for kv in kvs:
             for mode in args.modes:
+                if mode == "mlx-fused-eager" and kv not in ("fp32", "fp16"):
+                    continue  # the fused step covers plain caches only
                 steps = args.slow_steps if mode in ("numpy", "mlx-op") else args.steps
                 try:
                     if mode == "numpy":
                         prefill, decode = run_numpy(models[mode], kv, ctx, steps, args.chunk)
                     else:
                         prefill, decode = run_mlx(models[mode], kv, ctx, steps, args.chunk,
-                                                  compiled=mode == "mlx")
+                                                  DECODER[mode])
                     rows.append(dict(ctx=ctx, kv=kv, mode=mode, prefill=prefill, decode=decode))
                 except Exception as e:  # noqa: BLE001 - one failure must not lose the table
                     rows.append(dict(ctx=ctx, kv=kv, mode=mode, error=f"{type(e).__name__}: {e}"))

@@ -61,28 +61,40 @@ def decode_step(model: "Model", token: mx.array, cache: "KVCache", sampler: Samp
 class Decoder:
     """Decode steps against one cache: ``decoder(token [1]) -> next token [1]`` (lazy).
 
-    Compiled (``mx.compile``) or not. Compiled, the cache's buffers are held at a fixed capacity
-    (a power of two, at least 256 tokens) and the position is an array, so every step has the
-    same shapes and one trace per capacity serves them all; compiling fuses element-wise
-    operations and replaces building the step's graph op by op in Python with one call.
+    Three ways to build a step, all one evaluation per token:
 
-    ``compiled=None`` (default) decides by measurement (H100, MLX 0.32.4, SmolLM2-135M shapes,
-    ``bench/decode_speed.py``): compiled for turbo_kv caches on a GPU, whose score path is many
-    small element-wise operations (62 against 30 tokens/s eager at context 128), not for
-    fp32/fp16 caches, whose steps are matmuls and fused attention already (218 against 271).
-    Never compiled: ``sync="op"`` models (the per-op pattern is the point there), caches with a
-    k-window, and turbo_kv caches on the CPU (see ``__init__``).
+    - fused (``fused=True``): :mod:`quantref_mlx.fused_decode`, five custom kernels per layer
+      instead of ~17 operations; CUDA GPUs, float weights, fp32 / fp16 caches
+      (:func:`quantref_mlx.fused_decode.supported`). ``fused=None`` (default) uses it wherever
+      it is supported, compiled: the fastest step measured there (H200, SmolLM2-135M shapes,
+      context 128: ~790 tokens/s against ~220 for the plain graph; ``docs/benchmarks.md``).
+    - compiled (``mx.compile``): the cache's buffers are held at a fixed capacity (a power of
+      two, at least 256 tokens) and the position is an array, so every step has the same shapes
+      and one trace per capacity serves them all; compiling fuses element-wise operations and
+      replaces building the step's graph op by op in Python with one call. ``compiled=None``
+      (default) compiles the fused step, and the plain graph for turbo_kv caches on a GPU,
+      whose score path is many small element-wise operations (~65 against ~30 tokens/s eager
+      at context 128); not the plain graph of fp32/fp16 caches, whose steps are matmuls and
+      fused attention already (compiling did not help them). Never compiled: ``sync="op"``
+      models (the per-op pattern is the point there), caches with a k-window, and turbo_kv
+      caches on the CPU (see ``__init__``).
+    - otherwise the plain graph, built op by op (:func:`decode_step`).
     """
 
     def __init__(self, model: "Model", cache: "KVCache", sampler: Sampler,
-                 compiled: bool | None = None):
+                 compiled: bool | None = None, fused: bool | None = None):
         from .cache import StepCache, TurboKeyCodec
+        from .fused_decode import FusedStep, supported
         from .model import on_gpu
 
         self.model, self.cache, self.sampler = model, cache, sampler
+        why_not = supported(model, cache)
+        if fused and why_not:
+            raise ValueError(f"no fused decode step here: {why_not}")
+        self.fused = why_not is None if fused is None else bool(fused)
         turbo = isinstance(cache.k_codec, TurboKeyCodec)
         if compiled is None:
-            compiled = turbo and on_gpu()
+            compiled = self.fused or (turbo and on_gpu())
         # On the CPU, turbo_kv's quantizer is plain MLX ops, and a compiled (fused) kernel may
         # contract a multiply-add and round differently from the oracle; on a GPU it is a
         # custom kernel that rounds every operation explicitly, compiled or not.
@@ -90,24 +102,49 @@ class Decoder:
         self.compiled = bool(compiled and model.sync == "step" and not cache.k_window
                              and exact_when_fused)
 
-        def step(token, offset, k, v):
-            view = StepCache(cache.k_codec, cache.v_codec, k, v, offset)
-            logits = model.forward(token, view, last_only=True)
-            return logits, view.k, view.v
+        self._pos = None  # fused: the position as a device array, advanced on the device
+        if self.fused:
+            step = FusedStep(model)
+        else:
+            def step(token, offset, k, v):
+                view = StepCache(cache.k_codec, cache.v_codec, k, v, offset)
+                logits = model.forward(token, view, last_only=True)
+                return logits, view.k, view.v
 
-        self._step = mx.compile(step) if self.compiled else None
+        self._step = (mx.compile(step) if self.compiled else step) \
+            if self.compiled or self.fused else None
 
     def __call__(self, token: mx.array) -> mx.array:
-        if not self.compiled:
+        from .fused_decode import position
+
+        if self._step is None:
             return decode_step(self.model, token, self.cache, self.sampler)
         cache = self.cache
         need = cache.length + 1
         if cache.capacity < need:
-            cache.reserve(max(256, 1 << (need - 1).bit_length()))
+            # a compiled step retraces when the capacity changes: grow it geometrically
+            cache.reserve(max(256, 1 << (need - 1).bit_length()) if self.compiled
+                          else -(-need // 256) * 256)
         k, v = cache.take_buffers()
-        logits, k, v = self._step(token, mx.array(cache.length, dtype=mx.int32), k, v)
+        if not self.fused:
+            logits, k, v = self._step(token, mx.array(cache.length, dtype=mx.int32), k, v)
+            cache.give_buffers(k, v, 1)
+            return self.sampler(logits)
+        # The fused step reads nothing the host writes during decoding (see
+        # quantref_mlx.fused_decode._kernel): the position advances on the device, and the
+        # sampled id is handed out as a view of an 8-byte copy, so that reading it back does not
+        # pull MLX's pool of small arrays (where the sampler writes) over to the host.
+        if self._pos is None or self._pos[1] != cache.length:
+            self._pos = (position(cache.length), cache.length)
+            self._one = position(1)
+        pos = self._pos[0]
+        logits, k, v = self._step(token, pos, k, v)
+        self._pos = (pos + self._one, cache.length + 1)
         cache.give_buffers(k, v, 1)
-        return self.sampler(logits)
+        y = self.sampler(logits)
+        if y.size != 1:
+            return y
+        return mx.concatenate([y.reshape(-1)] * 2)[:1].reshape(y.shape)
 
 
 def stream_generate(
