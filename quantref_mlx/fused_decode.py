@@ -454,8 +454,8 @@ class FusedStep:
 
 def position(n: int) -> mx.array:
     """The position input of :class:`FusedStep`: ``int32 [4]``, every element ``n``. Four, not
-    one: see :func:`_kernel` on scalars. Advance it on the device (``pos + 1``) rather than
-    building a new one from the host each token."""
+    one: see :func:`_kernel` on scalars. Advance it on the device, ``pos + position(1)``
+    (``pos + 1`` would read the 1 from that pool), rather than building one each token."""
     return mx.array(np.full(4, n, np.int32))
 
 
