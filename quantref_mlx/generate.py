@@ -111,8 +111,8 @@ class Decoder:
                 logits = model.forward(token, view, last_only=True)
                 return logits, view.k, view.v
 
-        self._step = (mx.compile(step) if self.compiled else step) \
-            if self.compiled or self.fused else None
+        # None: the plain graph, built op by op each step (decode_step)
+        self._step = mx.compile(step) if self.compiled else step if self.fused else None
 
     def __call__(self, token: mx.array) -> mx.array:
         from .fused_decode import position
