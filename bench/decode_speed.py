@@ -39,6 +39,11 @@ DECODER = {"mlx": {}, "mlx-plain": dict(compiled=False, fused=False),
 DEFAULT_MODES = ("numpy", "mlx", "mlx-plain", "mlx-op")
 
 
+def applies(mode: str, kv: str) -> bool:
+    """Whether ``mode`` can decode with a ``kv`` cache (the fused step: fp32 / fp16 only)."""
+    return mode != "mlx-fused-eager" or kv in ("fp32", "fp16")
+
+
 def build(args):
     """(numpy model or None, {mode: model}) for the requested modes."""
     import quantref
@@ -134,9 +139,11 @@ def warm_up(models, kvs, chunk) -> None:
         if mode == "numpy" or mode == "mlx-op":
             continue
         for kv in kvs:
-            if mode == "mlx-fused-eager" and kv not in ("fp32", "fp16"):
-                continue
-            run_mlx(model, kv, 300, 2, chunk, DECODER[mode])
+            if applies(mode, kv):
+                try:
+                    run_mlx(model, kv, 300, 2, chunk, DECODER[mode])
+                except Exception:  # noqa: BLE001 - the timed row reports the error
+                    pass
     mx.synchronize()
 
 
@@ -166,8 +173,8 @@ def main() -> None:
     for ctx in contexts:
         for kv in kvs:
             for mode in args.modes:
-                if mode == "mlx-fused-eager" and kv not in ("fp32", "fp16"):
-                    continue  # the fused step covers plain caches only
+                if not applies(mode, kv):
+                    continue
                 steps = args.slow_steps if mode in ("numpy", "mlx-op") else args.steps
                 try:
                     if mode == "numpy":

@@ -21,9 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from _common import machine
-
-VIEWS = {"Reshape", "ExpandDims", "Squeeze", "Broadcast", "Slice", "Transpose", "AsStrided",
-         "StopGradient", "Split"}
+from mlx_kernels import VIEWS  # primitives that launch no kernel
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:

@@ -427,28 +427,22 @@ class FusedStep:
 
     def matvec_add(self, x: mx.array, weight: mx.array, r: mx.array) -> mx.array:
         """``r + weight @ x``: ``x [in]``, ``weight [out, in]``, ``r [out]`` -> ``[out]``."""
-        n_out, n_in = weight.shape
-        (out,) = _kernel("matvec_add", *self.consts)(
-            inputs=[x, weight, r], template=[("IN", n_in), ("UNITS", n_out)],
-            output_shapes=[(n_out,)], output_dtypes=[mx.float32], **_rows_launch(n_out))
-        return out
+        return self._rows("matvec_add", [x, weight, r], *weight.shape)
 
     def norm_gate_up_swiglu(self, x: mx.array, lw) -> mx.array:
         """``x [dim]`` -> ``silu(gate) * up``, ``float32 [hidden_dim]``."""
-        a = self.args
-        (out,) = _kernel("norm_gate_up_swiglu", *self.consts)(
-            inputs=[x, lw.ffn_norm, lw.w_gate_up.whole.weight],
-            template=[("IN", a.dim), ("UNITS", a.hidden_dim)],
-            output_shapes=[(a.hidden_dim,)], output_dtypes=[mx.float32],
-            **_rows_launch(a.hidden_dim))
-        return out
+        return self._rows("norm_gate_up_swiglu", [x, lw.ffn_norm, lw.w_gate_up.whole.weight],
+                          self.args.hidden_dim, self.args.dim)
 
     def norm_matvec(self, x: mx.array, norm: mx.array, weight: mx.array) -> mx.array:
         """``weight @ rms_norm(x)``: ``x [in]`` -> ``float32 [out]`` (the logits)."""
-        n_out, n_in = weight.shape
-        (out,) = _kernel("norm_matvec", *self.consts)(
-            inputs=[x, norm, weight], template=[("IN", n_in), ("UNITS", n_out)],
-            output_shapes=[(n_out,)], output_dtypes=[mx.float32], **_rows_launch(n_out))
+        return self._rows("norm_matvec", [x, norm, weight], *weight.shape)
+
+    def _rows(self, which: str, inputs: list, units: int, n_in: int) -> mx.array:
+        """A one-output matrix-vector kernel: ``units`` output floats, one warp each."""
+        (out,) = _kernel(which, *self.consts)(
+            inputs=inputs, template=[("IN", n_in), ("UNITS", units)],
+            output_shapes=[(units,)], output_dtypes=[mx.float32], **_rows_launch(units))
         return out
 
 

@@ -17,6 +17,9 @@ import mlx.core as mx
 from quantref.generate import (GenerationResponse, Responder, SamplerArgs, collect,
                                prompt_ids)
 
+from .cache import STEP
+from .fused_decode import FusedStep, position, supported
+
 if TYPE_CHECKING:
     from .cache import KVCache
     from .model import Model
@@ -84,7 +87,6 @@ class Decoder:
     def __init__(self, model: "Model", cache: "KVCache", sampler: Sampler,
                  compiled: bool | None = None, fused: bool | None = None):
         from .cache import StepCache, TurboKeyCodec
-        from .fused_decode import FusedStep, supported
         from .model import on_gpu
 
         self.model, self.cache, self.sampler = model, cache, sampler
@@ -115,16 +117,14 @@ class Decoder:
         self._step = mx.compile(step) if self.compiled else step if self.fused else None
 
     def __call__(self, token: mx.array) -> mx.array:
-        from .fused_decode import position
-
         if self._step is None:
             return decode_step(self.model, token, self.cache, self.sampler)
         cache = self.cache
         need = cache.length + 1
         if cache.capacity < need:
             # a compiled step retraces when the capacity changes: grow it geometrically
-            cache.reserve(max(256, 1 << (need - 1).bit_length()) if self.compiled
-                          else -(-need // 256) * 256)
+            cache.reserve(max(STEP, 1 << (need - 1).bit_length()) if self.compiled
+                          else -(-need // STEP) * STEP)
         k, v = cache.take_buffers()
         if not self.fused:
             logits, k, v = self._step(token, mx.array(cache.length, dtype=mx.int32), k, v)
