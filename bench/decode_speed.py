@@ -75,7 +75,7 @@ def build(args):
                 models[mode] = quantref_mlx.load(args.model, weights=args.weights, sync=sync)
             else:
                 models[mode] = from_oracle(np_model, weights=args.weights, bits=args.bits,
-                                           sync=sync)
+                                           embed_bits=args.embed_bits, sync=sync)
     return models, source
 
 
@@ -100,6 +100,7 @@ def run_mlx(model, kv, ctx, steps, chunk, decoder_options):
     import mlx.core as mx
 
     from quantref.generate import SamplerArgs
+    from quantref_mlx.cache import STEP
     from quantref_mlx.generate import Decoder, make_sampler
 
     sampler = make_sampler(SamplerArgs())
@@ -113,6 +114,10 @@ def run_mlx(model, kv, ctx, steps, chunk, decoder_options):
         logits = model.forward(ids[s:s + chunk], cache, last_only=True)
         mx.eval(logits, cache.state())
     prefill = ctx / (time.perf_counter() - t)
+    # The capacity the whole run needs, reserved as a compiled decoder would reserve it: the
+    # buffers must not grow (nor a compiled step retrace, ~tens of ms) inside the timed loop.
+    need = ctx + 2 + steps + 1
+    cache.reserve(max(STEP, 1 << (need - 1).bit_length()))
     decoder = Decoder(model, cache, sampler, **decoder_options)
     y = sampler(logits)
     for _ in range(2):  # warm-up: the first compiled call traces
@@ -158,6 +163,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
     ap.add_argument("--weights", default="auto", help="MLX weight layout: auto|quantized|float")
     ap.add_argument("--bits", type=int, default=4, help="quantized random weights: 4 or 8")
+    ap.add_argument("--embed-bits", type=int, default=8,
+                    help="... and their embedding (default 8: SmolLM2's file is Q4_1, Q8_0)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
@@ -189,6 +196,8 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     layout = next((m.layout for k, m in models.items() if k.startswith("mlx")), "-")
+    if layout == "quantized" and not args.model:
+        layout += f" ({args.bits}-bit, embedding {args.embed_bits}-bit)"
     print(f"model:   {source}; MLX weights {layout}; decode steps {args.steps} (lazy MLX), "
           f"{args.slow_steps} (numpy, per-op MLX); prefill chunk {args.chunk}")
     print("| context | KV | mode | prefill tok/s | decode tok/s | decode vs lazy MLX |")

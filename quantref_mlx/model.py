@@ -18,10 +18,8 @@ Weights come in two layouts (``load(..., weights=...)``):
   than float32, which is what decode speed on a GPU depends on.
 - ``"float"``: every tensor dequantized by the NumPy oracle (:mod:`quantref.quants`) and held as
   float32, so both halves compute with bit-identical weights (the parity tests use it).
-- ``"auto"`` (default): quantized on Apple GPUs; float on NVIDIA GPUs (MLX 0.32.4's CUDA
-  quantized matrix-vector product with float32 activations is 3.5x slower than a float32 one of
-  these shapes: measured, see :func:`default_layout`) and on the CPU (where MLX's quantized
-  matmul is a plain loop and a float32 matmul goes through BLAS).
+- ``"auto"`` (default): quantized on GPUs, float on the CPU (where MLX's quantized matmul is a
+  plain loop and a float32 matmul goes through BLAS); see :func:`default_layout`.
 """
 
 from __future__ import annotations
@@ -360,15 +358,18 @@ def _float_weights(numpy_weights) -> Weights:
                    output=output, rope_freqs=None if rf is None else mx.array(rf))
 
 
-def from_oracle(model, weights: str = "float", bits: int = 4, sync: str = "step") -> Model:
+def from_oracle(model, weights: str = "float", bits: int = 4, sync: str = "step",
+                embed_bits: int | None = None) -> Model:
     """An MLX twin of a NumPy :class:`quantref.Model` (e.g. ``quantref.testing.random_model``):
     ``weights="float"`` copies the float32 weights; ``"quantized"`` quantizes every linear
-    weight with ``mx.quantize`` (``bits``, group size 32, as MLX keeps Q4_1 / Q8_0 GGUFs)."""
+    weight with ``mx.quantize`` (``bits``, group size 32, as MLX keeps Q4_1 / Q8_0 GGUFs; the
+    embedding with ``embed_bits``, default ``bits``: SmolLM2's file is Q4_1 with a Q8_0
+    embedding, ``bits=4, embed_bits=8``)."""
     if weights == "auto":
         weights = default_layout()
     w = _float_weights(model.weights)
     if weights == "quantized":
-        def q(lin: Linear) -> Linear:
+        def q(lin: Linear, bits: int = bits) -> Linear:
             packed, scales, biases = mx.quantize(lin.weight, group_size=32, bits=bits)
             # rounded through float16 as a GGUF's block scales are, then held in float32
             return Linear(packed, scales.astype(mx.float16).astype(mx.float32),
@@ -378,7 +379,7 @@ def from_oracle(model, weights: str = "float", bits: int = 4, sync: str = "step"
         for lw in w.layers:
             lw.wqkv.whole, lw.w_gate_up.whole = q(lw.wqkv.whole), q(lw.w_gate_up.whole)
             lw.wo, lw.w_down = q(lw.wo), q(lw.w_down)
-        w.token_embd = q(w.token_embd)
+        w.token_embd = q(w.token_embd, embed_bits or bits)
         w.output = w.token_embd if tied else q(w.output)
     mx.eval(w.token_embd.weight, *[m.weight for lw in w.layers for m in lw.linears])
     return Model(model.args, w, model.tokenizer, metadata=model.metadata, path=model.path,
@@ -427,14 +428,18 @@ def on_gpu() -> bool:
 
 
 def default_layout() -> str:
-    """The weight layout ``weights="auto"`` picks: quantized on Apple GPUs, float elsewhere.
+    """The weight layout ``weights="auto"`` picks: quantized on a GPU, float on the CPU.
 
-    Measured on an H100 (MLX 0.32.4, CUDA): a 4-bit matrix-vector product with float32
-    activations costs 3.5x a float32 one of the model's shapes, and this model's float32
-    weights (540 MB) stream in 0.2 ms, so float decodes faster; on the CPU MLX's quantized
-    matmul is a plain loop. Apple GPUs are where quantized weights are meant to win.
+    On NVIDIA GPUs decoding runs the fused kernels (:mod:`quantref_mlx.fused_decode`), which
+    read the packed codes themselves: an H100 decoded SmolLM2-135M's shapes at context 128
+    faster with 4-bit weights than with float32 in every same-run comparison
+    (``docs/benchmarks.md``), with ~5x less memory; prefill (``mx.quantized_matmul``) is
+    ~10-20% slower than float32 there, and turbo_kv caches (which decode through the plain
+    graph and ``mx.quantized_matmul``) were no slower with quantized weights in our runs. On
+    the CPU MLX's quantized matmul is a plain loop; Apple GPUs are where quantized weights
+    were meant to win from the start.
     """
-    return "quantized" if on_gpu() and mx.metal.is_available() else "float"
+    return "quantized" if on_gpu() else "float"
 
 
 def load(path: str | Path | None = None, *, weights: str = "auto", sync: str = "step",

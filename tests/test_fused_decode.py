@@ -34,6 +34,12 @@ def models():
     return np_model, from_oracle(np_model, weights="float")
 
 
+@pytest.fixture(scope="module")
+def quantized(models):
+    """The same model, quantized as SmolLM2's file is: 4-bit layers, an 8-bit embedding."""
+    return from_oracle(models[0], weights="quantized", bits=4, embed_bits=8)
+
+
 def prefilled(model, kv="fp32", n=8, **options):
     cache = model.make_cache(kv, **options)
     ids = [1 + i * 7 % (model.args.vocab_size - 1) for i in range(n)]
@@ -41,17 +47,17 @@ def prefilled(model, kv="fp32", n=8, **options):
     return cache
 
 
-def test_which_models_and_caches_it_takes(models):
+def test_which_models_and_caches_it_takes(models, quantized):
     _, m = models
     assert "empty cache" in fused_decode.supported(m, m.make_cache("fp32"))
     for kv, opts in (("turbo_kv_4b", {}), ("q8_0", {}), ("turbo_kv_4b", {"k_window": 4})):
         assert "fp32 / fp16" in fused_decode.supported(m, prefilled(m, kv, **opts))
-    q = from_oracle(models[0], weights="quantized")
-    assert "quantized weights" in fused_decode.supported(q, prefilled(q))
+    two = from_oracle(models[0], weights="quantized", bits=2)
+    assert "4 or 8 bits" in fused_decode.supported(two, prefilled(two))
     per_op = from_oracle(models[0], weights="float", sync="op")
     assert fused_decode.supported(per_op, prefilled(per_op)) == "per-op sync"
-    for kv in ("fp32", "fp16"):
-        reason = fused_decode.supported(m, prefilled(m, kv))
+    for model, kv in ((m, "fp32"), (m, "fp16"), (quantized, "fp32"), (quantized, "fp16")):
+        reason = fused_decode.supported(model, prefilled(model, kv))
         assert reason is None if CUDA else reason == "not on a CUDA GPU"
 
 
@@ -67,7 +73,7 @@ def test_off_cuda_the_decoder_refuses_it_and_defaults_to_the_plain_graph(models)
 
 def test_constants_are_exact_float32_literals():
     eps, scale = 1e-5, 1 / np.sqrt(64)
-    text = fused_decode._constants(eps, scale)
+    text = fused_decode._constants(eps, scale, quantized=False)
     got = dict(re.findall(r"#define (FD_\w+) (\S+)f\n", text))
     assert float.fromhex(got["FD_EPS"]) == float(np.float32(eps))
     assert float.fromhex(got["FD_SCALE"]) == float(np.float32(scale))
@@ -91,10 +97,11 @@ def test_rope_angles_are_the_oracles(models, rope_dim_part, rope_scale, freqs):
 
 
 @pytest.mark.skipif(not CUDA, reason="the fused kernels run on CUDA GPUs only")
+@pytest.mark.parametrize("weights", ["float", "quantized"])
 @pytest.mark.parametrize("kv", ["fp32", "fp16"])
 @pytest.mark.parametrize("ctx", [20, 600])  # one attention block per head; split and merged
-def test_fused_logits_match_the_plain_graph(models, kv, ctx):
-    _, m = models
+def test_fused_logits_match_the_plain_graph(models, quantized, weights, kv, ctx):
+    m = models[1] if weights == "float" else quantized
     identity = lambda logits: logits  # noqa: E731 - hands the logits back
     plain, fused = prefilled(m, kv, ctx), prefilled(m, kv, ctx)
     dec = Decoder(m, fused, identity, fused=True)
