@@ -93,6 +93,10 @@ __device__ __forceinline__ void fd_x(const float* x, const float* nw, int i, flo
         v[e] = b.x; v[e + 1] = b.y; v[e + 2] = b.z; v[e + 3] = b.w;
     }
 }
+/* Code e (0 .. 32 / BITS - 1) of a packed word, as a float. */
+template <int BITS> __device__ __forceinline__ float fd_code(uint32_t word, int e) {
+    return (float)((word >> (BITS * e)) & ((1u << BITS) - 1u));
+}
 /* Row r of W [*, IN] dotted with v: the EPW elements at i. BITS 0: W is float (float32 or
    float16); BITS 4 or 8: W is MLX's packed uint32 codes [*, IN * BITS / 32] (word i / EPW holds
    elements i .. i + EPW - 1, the first in the low bits) with float32 scales and biases
@@ -110,10 +114,7 @@ __device__ __forceinline__ float fd_dot(const WT* w, const float* sc, const floa
         const float s = sc[(size_t)r * (IN / 32) + i / 32];
         const float b = bi[(size_t)r * (IN / 32) + i / 32];
 #pragma unroll
-        for (int e = 0; e < EPW; ++e) {
-            const float q = (float)((code >> (BITS * e)) & ((1u << BITS) - 1u));
-            a += fmaf(s, q, b) * v[e];
-        }
+        for (int e = 0; e < EPW; ++e) a += fmaf(s, fd_code<BITS>(code, e), b) * v[e];
     }
     return a;
 }
@@ -125,8 +126,7 @@ __device__ __forceinline__ float fd_weight(const WT* w, const float* sc, const f
         return fd_f(w[r * IN + i]);
     } else {
         constexpr int EPW = 32 / BITS;
-        const float q = (float)((w[r * (IN / EPW) + i / EPW] >> (BITS * (i % EPW)))
-                                & ((1u << BITS) - 1u));
+        const float q = fd_code<BITS>(w[r * (IN / EPW) + i / EPW], i % EPW);
         return fmaf(sc[r * (IN / 32) + i / 32], q, bi[r * (IN / 32) + i / 32]);
     }
 }
@@ -221,7 +221,7 @@ _NORM_MATVEC = _PRELUDE + """
 # The feed-forward half of a layer: out = x + W2 (silu(g) * u), with g, u the gate and up rows
 # of W times RMSNorm(x). Block b takes hidden units b * SL .. b * SL + SL - 1 (unit u: gate row
 # u, up row H + u), one warp per unit at a time, then its SL columns of the down projection W2
-# [IN, H] (fd_project; part [H / SL, IN], counter uint32 [4]). Inputs x float32 [IN], nw [IN],
+# [IN, H] (fd_project; scratch part [H / SL * IN + 4]). Inputs x float32 [IN], nw [IN],
 # w (gate|up [2H, IN]), w2; template IN, H, SL, BITS, BITS2.
 _FFN = """
     const int warp = (int)(threadIdx.x >> 5);
@@ -375,13 +375,13 @@ _ATTEND = """
 """
 
 # The head's output o [HD], then the output projection and residual: out = r + W o over all
-# heads, W [DIM, NH * HD] the weight w (fd_project: part [NH, DIM], counter uint32 [4]).
+# heads, W [DIM, NH * HD] the weight w (fd_project: scratch part [NH * DIM + 4]).
 _PROJECT_HEADS = """
     __syncthreads();
     fd_project<DIM, NH * HD, HD, NH, BITS>(w, FD_QUANT, h * HD, sm_o, h, part, r, out);
 """
 
-# One block per head (S = 1), projected: out float32 [DIM] (extra inputs w, r, part, counter).
+# One block per head (S = 1), projected: out float32 [DIM] (extra inputs w, r, part).
 _ATTEND_PROJECT = ("    __shared__ float sm_o[HD];\n" + _ATTEND
                    .replace("FD_ATTEND_STORE", "sm_o[threadIdx.x] = o / total;")
                    .replace("FD_ATTEND_AFTER", _PROJECT_HEADS))
