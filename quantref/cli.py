@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm.auto import tqdm
+
 __all__ = ["main"]
 
 DEFAULT_TEXT = "default_text.txt"
@@ -59,17 +61,26 @@ def resolve_backend(name: str) -> str:
 
 
 def _engine(args: argparse.Namespace):
-    """(the backend's package, a loaded model) for a command's --backend/--model options."""
+    """(the backend's name, its package, a loaded model) for a command's --backend/--model
+    options; ``--weights`` and ``--sync-every-op`` are MLX's and an error with NumPy."""
     backend = resolve_backend(args.backend)
+    if backend == "numpy":
+        given = [o for o, on in (("--weights", args.weights != "auto"),
+                                 ("--sync-every-op", args.sync_every_op)) if on]
+        if given:
+            why = "" if args.backend == "numpy" else " (--backend auto chose numpy: no GPU)"
+            verb = "applies" if len(given) == 1 else "apply"
+            raise SystemExit(f"quantref: error: {' and '.join(given)} {verb} to the MLX backend, "
+                             f"not numpy{why}")
     path = _model_path(args)
     if backend == "mlx":
         import quantref_mlx
 
-        return quantref_mlx, quantref_mlx.load(
+        return backend, quantref_mlx, quantref_mlx.load(
             path, weights=args.weights, sync="op" if args.sync_every_op else "step")
     import quantref
 
-    return quantref, quantref.load(path)
+    return backend, quantref, quantref.load(path)
 
 
 def _load_text(path: str | None) -> tuple[str, str]:
@@ -98,6 +109,20 @@ def _kv_list(spec: str) -> list[str]:
     if not kinds:
         raise SystemExit("quantref: error: --kv is empty")
     return kinds
+
+
+def _turbo_opts(args: argparse.Namespace, kinds: Sequence[str]) -> dict[str, Any]:
+    """The turbo_kv options given (``--v``, ``--k-window``, ``--score-path``) as keyword
+    arguments; an error when one is given but no ``--kv`` type is a turbo_kv one."""
+    given = {name: value for name, value in (("v", args.v), ("k_window", args.k_window),
+                                             ("score_path", args.score_path))
+             if value is not None}
+    if given and not any(k.startswith("turbo_kv_") for k in kinds):
+        flags = " and ".join("--" + n.replace("_", "-") for n in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise SystemExit(f"quantref: error: {flags} {verb} to turbo_kv K types only, and --kv "
+                         f"{','.join(kinds)} has none")
+    return given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,64 +194,160 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
+    from .perplexity import make_windows
+
     kinds = _kv_list(args.kv)
     if args.perturb < 1:
         raise SystemExit("quantref: error: --perturb needs N >= 1")
+    opts = _turbo_opts(args, kinds)
     text, text_desc = _load_text(args.text)
-    engine, model = _engine(args)
+    backend, engine, model = _engine(args)
     perplexity = engine.perplexity
-    path = model.path
-    show = not args.no_progress and sys.stderr.isatty()
     ids = model.tokenizer.encode(text, add_special=False)
+    per_pass = sum(len(w) for w in make_windows(model, None, ids, args.ctx, args.batch))
 
-    rows: list[dict[str, Any]] = []
-    reference = None
     multi = len(kinds) > 1
     if multi and kinds[0] != "fp32":
         kinds = ["fp32"] + [k for k in kinds if k != "fp32"]  # the reference runs first
-    for kind in kinds:
-        turbo = kind.startswith("turbo_kv_")
-        opts = dict(v=args.v, k_window=args.k_window, score_path=args.score_path) if turbo else {}
-        runs = []
-        for k in range(args.perturb):
-            r = perplexity(model, ids=ids, ctx=args.ctx, batch=args.batch, kv=kind,
-                           keep_logprobs=multi and kind == "fp32" and k == 0,
-                           reference=reference if k == 0 else None,
-                           perturb=k, progress=show, **opts)
-            runs.append(r)
-        if multi and kind == "fp32":
-            reference = runs[0]
-        rows.append(_row(runs, reference))
-    if multi:
-        base = next(r for r in rows if r["kv"] == "fp32")["ppl"]
-        for r in rows:
-            r["ppl_change_pct"] = 100.0 * (r["ppl"] / base - 1.0)
-
-    meta = {"model": path.name, "text": text_desc, "batch": args.batch, "ctx": args.ctx,
-            "perturb": args.perturb, "backend": engine.__name__}
-    if args.json:
-        print(json.dumps(rows[0] | meta if not multi else {**meta, "rows": rows}, indent=2))
-    elif args.csv:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[-1].keys()), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        print(buf.getvalue(), end="")
-    elif multi:
-        print(f"model {path.name}   text {text_desc}   tokens {rows[0]['tokens']}"
-              f"   runs per type {args.perturb}")
-        print(format_table(rows))
-    else:
-        r = rows[0]
-        print(f"model   {path.name}")
-        print(f"text    {text_desc}")
-        print(f"tokens  {r['tokens']}   scored {r['n_scored']}")
-        print(f"kv      {r['kv']}   {r['kv_bytes_per_token']:,.0f} bytes/token")
-        spread = (f"   (over {args.perturb} runs: min {r['ppl_min']:.4f}, max {r['ppl_max']:.4f})"
-                  if args.perturb > 1 else "")
-        print(f"PPL     {r['ppl']:.4f}   mean NLL {r['mean_nll']:.5f}{spread}")
-        print(f"speed   {r['tok_per_s']:.1f} tokens/s")
+    meta = {"model": model.path.name, "text": text_desc, "tokens": per_pass, "batch": args.batch,
+            "ctx": args.ctx, "perturb": args.perturb, "backend": backend}
+    out = RowPrinter(args, meta, [_label(k, opts, model) for k in kinds], multi)
+    n_passes = len(kinds) * args.perturb
+    # One bar over every pass (a pass: one run over the text), by tokens, with the ETA.
+    bar = tqdm(total=n_passes * per_pass, unit="tok", dynamic_ncols=True, leave=False,
+               disable=args.no_progress or not sys.stderr.isatty())
+    rows: list[dict[str, Any]] = []
+    reference = None
+    try:
+        for i, kind in enumerate(kinds):
+            kind_opts = opts if kind.startswith("turbo_kv_") else {}
+            runs = []
+            for k in range(args.perturb):
+                bar.set_description(f"pass {i * args.perturb + k + 1}/{n_passes}: {kind}"
+                                    + (f" run {k + 1}/{args.perturb}" if args.perturb > 1
+                                       else ""))
+                runs.append(perplexity(
+                    model, ids=ids, ctx=args.ctx, batch=args.batch, kv=kind,
+                    keep_logprobs=multi and kind == "fp32" and k == 0,
+                    reference=reference if k == 0 else None, perturb=k, progress=bar,
+                    **kind_opts))
+            if multi and kind == "fp32":
+                reference = runs[0]
+            row = _row(runs, reference)
+            if reference is not None:
+                row["ppl_change_pct"] = 100.0 * (row["ppl"] / reference.ppl - 1.0)
+            rows.append(row)
+            out.row(row, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        out.end(rows, interrupted=True)
+        print(f"quantref: interrupted: {len(rows)} of {len(kinds)} rows finished",
+              file=sys.stderr)
+        return 130
+    bar.close()
+    out.end(rows, interrupted=False)
     return 0
+
+
+def _label(kind: str, opts: dict[str, Any], model) -> str:
+    """The row label of ``kind`` under the turbo options (``turbo_kv_4b/v=q4``, ...)."""
+    from .cache import kv_label, make_cache
+
+    a = model.args
+    cache = make_cache(kind, n_layers=1, n_kv_heads=1, head_dim=a.head_dim,
+                       **(opts if kind.startswith("turbo_kv_") else {}))
+    return kv_label(cache)
+
+
+class RowPrinter:
+    """Prints ``quantref ppl``'s rows as each finishes (table: a header first; CSV: a header
+    first; JSON: one object at the end, see :func:`json_result`), and what was finished when
+    the run is interrupted."""
+
+    def __init__(self, args: argparse.Namespace, meta: dict[str, Any], labels: list[str],
+                 multi: bool):
+        self.args, self.meta, self.multi = args, meta, multi
+        self.widths = list(TABLE_WIDTHS)
+        self.widths[0] = max(self.widths[0], *(len(label) for label in labels))
+        self.started = False
+        self.csv_fields: list[str] | None = None
+
+    def _emit(self, text: str, bar=None) -> None:
+        if bar is not None and not bar.disable:
+            bar.write(text, file=sys.stdout)  # above the bar, which is redrawn below
+        else:
+            print(text)
+        sys.stdout.flush()
+
+    def row(self, row: dict[str, Any], bar=None) -> None:
+        a = self.args
+        if a.json or (not self.multi and not a.csv):
+            return  # one JSON object, or the one-run summary: printed at the end
+        if a.csv:
+            if self.csv_fields is None:
+                self.csv_fields = csv_fields(row)
+                self._emit(_csv_line(self.csv_fields), bar)
+            self._emit(_csv_line([_csv_cell(row.get(f)) for f in self.csv_fields]), bar)
+            return
+        if not self.started:
+            m = self.meta
+            self._emit(f"model {m['model']}   text {m['text']}   tokens {m['tokens']}   "
+                       f"runs per type {m['perturb']}   backend {m['backend']}", bar)
+            self._emit(_table_line(TABLE_HEAD, self.widths), bar)
+            self._emit(_table_line(["-" * w for w in self.widths], self.widths), bar)
+            self.started = True
+        self._emit(_table_line(table_cells(row), self.widths), bar)
+
+    def end(self, rows: list[dict[str, Any]], interrupted: bool) -> None:
+        a = self.args
+        if a.json:
+            print(json.dumps(json_result(self.meta, rows, interrupted), indent=2))
+        elif not self.multi and not a.csv and rows:
+            _print_summary(self.meta, rows[0])
+        sys.stdout.flush()
+
+
+def json_result(meta: dict[str, Any], rows: list[dict[str, Any]],
+                interrupted: bool = False) -> dict[str, Any]:
+    """``quantref ppl --json``'s one shape, for one KV type or several: the run's settings
+    (``model``, ``text``, ``tokens`` per run, ``batch``, ``ctx``, ``perturb``, ``backend``:
+    ``numpy`` or ``mlx``), ``interrupted`` and ``rows``, one object per KV type in the order
+    run (fp32 first when there are several: the reference of their ``mean_kl``, ``top1_agree``
+    and ``ppl_change_pct``)."""
+    return {**meta, "interrupted": interrupted, "rows": rows}
+
+
+def _print_summary(meta: dict[str, Any], r: dict[str, Any]) -> None:
+    print(f"model   {meta['model']}")
+    print(f"text    {meta['text']}")
+    print(f"tokens  {r['tokens']}   scored {r['n_scored']}")
+    print(f"kv      {r['kv']}   {r['kv_bytes_per_token']:,.0f} bytes/token")
+    spread = (f"   (over {meta['perturb']} runs: min {r['ppl_min']:.4f}, max {r['ppl_max']:.4f})"
+              if meta["perturb"] > 1 else "")
+    print(f"PPL     {r['ppl']:.4f}   mean NLL {r['mean_nll']:.5f}{spread}")
+    print(f"speed   {r['tok_per_s']:.1f} tokens/s ({meta['backend']})")
+
+
+def csv_fields(first: dict[str, Any]) -> list[str]:
+    """CSV columns: the first row's keys, plus those only later rows have (the comparison
+    with the fp32 reference)."""
+    fields = list(first)
+    for extra in ("mean_kl", "top1_agree", "ppl_change_pct"):
+        if extra not in fields:
+            fields.append(extra)
+    return fields
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return " ".join(repr(v) for v in value)  # the perturbed runs' PPLs, in one cell
+    return "" if value is None else value
+
+
+def _csv_line(cells: Sequence[Any]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
 
 
 def _row(runs: list, reference) -> dict[str, Any]:
@@ -243,44 +364,57 @@ def _row(runs: list, reference) -> dict[str, Any]:
     return row
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The ``--kv`` comparison table as aligned text. PPL: the exact (unperturbed) run; mean,
+TABLE_HEAD = ["KV", "K bits", "V bits", "bytes/tok", "vs fp16", "PPL", "mean", "min..max",
+              "dPPL %", "mean KL", "top-1", "tok/s"]
+# Column widths fixed ahead (rows print as they finish); the KV column widens to the labels.
+TABLE_WIDTHS = [11, 6, 6, 9, 7, 9, 9, 17, 7, 8, 6, 6]
+
+
+def table_cells(r: dict[str, Any]) -> list[str]:
+    """One row of the ``--kv`` comparison table. PPL: the exact (unperturbed) run; mean,
     min..max: over the ``--perturb`` runs; dPPL, KL and top-1: the exact run against fp32's."""
-    head = ["KV", "K bits", "V bits", "bytes/tok", "vs fp16", "PPL", "mean", "min..max",
-            "dPPL %", "mean KL", "top-1", "tok/s"]
-    lines = []
-    for r in rows:
-        kl = r.get("mean_kl")
-        agree = r.get("top1_agree")
-        lines.append([
-            r["kv"], f"{r['k_bits']:.2f}", f"{r['v_bits']:.2f}", f"{r['kv_bytes_per_token']:,.0f}",
-            f"{r['compression_vs_fp16']:.2f}x", f"{r['ppl']:.4f}", f"{r['ppl_mean']:.4f}",
-            f"{r['ppl_min']:.3f}..{r['ppl_max']:.3f}",
-            f"{r.get('ppl_change_pct', 0.0):+.2f}",
-            "-" if kl is None else f"{kl:.5f}",
-            "-" if agree is None else f"{100 * agree:.1f}%",
-            f"{r['tok_per_s']:.0f}",
-        ])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+    kl = r.get("mean_kl")
+    agree = r.get("top1_agree")
+    change = r.get("ppl_change_pct")
+    return [
+        r["kv"], f"{r['k_bits']:.2f}", f"{r['v_bits']:.2f}", f"{r['kv_bytes_per_token']:,.0f}",
+        f"{r['compression_vs_fp16']:.2f}x", f"{r['ppl']:.4f}", f"{r['ppl_mean']:.4f}",
+        f"{r['ppl_min']:.3f}..{r['ppl_max']:.3f}",
+        "-" if change is None else f"{change:+.2f}",
+        "-" if kl is None else f"{kl:.5f}",
+        "-" if agree is None else f"{100 * agree:.1f}%",
+        f"{r['tok_per_s']:.0f}",
+    ]
+
+
+def _table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The ``--kv`` comparison table as aligned text (columns as wide as their cells)."""
+    lines = [table_cells(r) for r in rows]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(TABLE_HEAD)]
+    return "\n".join(_table_line(cells, widths)
+                     for cells in [TABLE_HEAD, ["-" * w for w in widths], *lines])
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine, model = _engine(args)
-    opts = {}
-    if args.kv.startswith("turbo_kv_"):
-        opts = dict(v=args.v, k_window=args.k_window, score_path=args.score_path)
+    opts = _turbo_opts(args, [args.kv])
+    backend, engine, model = _engine(args)
     last = None
     for last in engine.stream_generate(
             model, args.prompt, args.max_tokens, temp=args.temp, top_p=args.top_p,
-            top_k=args.top_k, seed=args.seed, chat=args.chat, kv=args.kv, **opts):
+            top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n, frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty, seed=args.seed, chat=args.chat, kv=args.kv,
+            **opts):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     if last is not None:
         print()
-        print(f"[{engine.__name__}, kv {args.kv}] prompt: {last.prompt_tokens} tokens, "
+        print(f"[{backend}, kv {args.kv}] prompt: {last.prompt_tokens} tokens, "
               f"{last.prompt_tps:.1f} tokens/s; generation: {last.generation_tokens} tokens, "
               f"{last.generation_tps:.1f} tokens/s ({last.finish_reason})", file=sys.stderr)
     return 0
@@ -307,23 +441,25 @@ def build_parser() -> argparse.ArgumentParser:
     with_model = argparse.ArgumentParser(add_help=False, parents=[common])
     with_model.add_argument("--model", "-m", help="a GGUF file, or a known model name "
                             "(default: smollm2-135m, fetched on first use)")
-    with_model.add_argument("--backend", choices=("numpy", "mlx", "auto"), default="auto",
-                            help="numpy (the oracle), mlx, or auto: MLX when it has a GPU, "
-                            "else NumPy (default auto)")
-    with_model.add_argument("--weights", choices=("auto", "quantized", "float"), default="auto",
-                            help="MLX weight layout (default auto: quantized on a GPU, float "
-                            "on the CPU)")
-    with_model.add_argument("--sync-every-op", action="store_true",
-                            help="MLX: evaluate after every operation (the per-op-sync pattern, "
-                            "to measure its cost)")
+    backend = argparse.ArgumentParser(add_help=False)
+    backend.add_argument("--backend", choices=("numpy", "mlx", "auto"), default="auto",
+                         help="numpy (the oracle), mlx, or auto: MLX when it has a GPU, "
+                         "else NumPy (default auto)")
+    engine = argparse.ArgumentParser(add_help=False, parents=[with_model, backend])
+    engine.add_argument("--weights", choices=("auto", "quantized", "float"), default="auto",
+                        help="MLX weight layout (default auto: quantized on a GPU, float "
+                        "on the CPU); an error with the numpy backend")
+    engine.add_argument("--sync-every-op", action="store_true",
+                        help="MLX: evaluate after every operation (the per-op-sync pattern, "
+                        "to measure its cost); an error with the numpy backend")
+    # None = not given: each is an error unless a --kv type is a turbo_kv one
     kv_opts = argparse.ArgumentParser(add_help=False)
-    kv_opts.add_argument("--v", choices=("fp16", "fp32", "q4", "q2"), help="V type with a "
-                         "turbo_kv K cache (default fp16)")
-    kv_opts.add_argument("--k-window", type=int, default=0, help="turbo_kv: keep the newest N "
+    kv_opts.add_argument("--v", choices=("fp16", "fp32", "q4", "q2"), help="turbo_kv only: "
+                         "the V type (default fp16)")
+    kv_opts.add_argument("--k-window", type=int, help="turbo_kv only: keep the newest N "
                          "keys in float32 too (default 0)")
-    kv_opts.add_argument("--score-path", default="int8_codebook",
-                         choices=("int8_codebook", "fp32_codebook", "dequant"),
-                         help="turbo_kv attention-score path (default int8_codebook)")
+    kv_opts.add_argument("--score-path", choices=("int8_codebook", "fp32_codebook", "dequant"),
+                         help="turbo_kv only: the attention-score path (default int8_codebook)")
 
     parser = argparse.ArgumentParser(
         prog="quantref", description="GGUF Llama models with a compressed KV cache: "
@@ -338,12 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if present")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("info", parents=[with_model], help="architecture, hyperparameters, "
+    p = sub.add_parser("info", parents=[with_model, backend], help="architecture, hyperparameters, "
                        "tensor types, parameters, KV bytes per token")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("ppl", parents=[with_model, kv_opts], help="perplexity of a text")
+    p = sub.add_parser("ppl", parents=[engine, kv_opts], help="perplexity of a text; rows "
+                       "print as they finish, Ctrl-C prints those finished and exits 130")
     p.add_argument("--text", "-f", help="UTF-8 text file (default: quantref's own English text)")
     p.add_argument("--ctx", type=int, help="window length in tokens (default: the whole text)")
     p.add_argument("--batch", type=int, default=256, help="tokens per forward pass (default 256)")
@@ -357,16 +494,34 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", action="store_true", help="print CSV (one row per KV type)")
     p.set_defaults(func=cmd_ppl)
 
-    p = sub.add_parser("generate", parents=[with_model, kv_opts], help="generate text, "
-                       "streamed as it is produced")
+    p = sub.add_parser("generate", parents=[engine, kv_opts], help="generate text, "
+                       "streamed as it is produced (a chat-template reply, as mlx-lm's)")
     p.add_argument("--prompt", "-p", required=True, help="the prompt")
     p.add_argument("--max-tokens", "-n", type=int, default=128, help="at most N new tokens "
                    "(default 128)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
-    p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling: exactly K candidates, "
+                   "equal logits lower token id first (default 0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling: keep tokens at least "
+                   "P times as likely as the top one (default 0: off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp's repetition "
+                   "penalty on the last --repeat-last-n tokens, prompt included (default 1: off)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="the penalty's window in tokens "
+                   "(default 64, as llama.cpp's; 0: off, -1: all tokens)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per "
+                   "occurrence in the window (default 0: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once if the "
+                   "token is in the window (default 0: off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling (llama.cpp's stream: "
+                   "the same seed gives the same draws)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="require the model's chat template (an error if it has none)")
+    chat.add_argument("--no-chat", "--raw", "--ignore-chat-template", dest="chat",
+                      action="store_false", help="send the prompt as raw text, without the "
+                      "chat template. Default, as mlx-lm's: the prompt is one user message "
+                      "through the model's chat template when it has one, else raw text")
     p.add_argument("--kv", default="fp32", help="KV cache type (default fp32)")
     p.set_defaults(func=cmd_generate)
 

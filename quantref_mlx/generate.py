@@ -3,8 +3,10 @@
 A decode step (:func:`decode_step`) only *builds* the token's graph: all layers, the cache
 update, the logits and the sampling; the loop evaluates it once. As in mlx-lm, step n+1's graph
 is built while step n runs (``mx.async_eval``), and the only host transfer per token is reading
-the sampled id back (``.item()``), which is the output itself. The prompt is prefilled in chunks,
-one evaluation per chunk.
+the sampled id back (``.item()``), which is the output itself (a sampled, not greedy, step also
+sends the draw's one float the other way). Sampling is :mod:`quantref.generate`'s: llama.cpp's
+chain and random stream, so a seed gives the same tokens here as there where the logits agree.
+The prompt is prefilled in chunks, one evaluation per chunk.
 """
 
 from __future__ import annotations
@@ -14,48 +16,129 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from quantref.generate import (GenerationResponse, Responder, SamplerArgs, collect,
+import numpy as np
+
+from quantref.generate import (GenerationResponse, Responder, SamplerArgs, SamplerRNG, collect,
                                prompt_ids)
 
 from .cache import STEP
-from .fused_decode import FusedStep, position, supported
+from .fused_decode import FusedStep, TurboSpec, position, supported
 
 if TYPE_CHECKING:
     from .cache import KVCache
     from .model import Model
 
-__all__ = ["Decoder", "GenerationResponse", "SamplerArgs", "decode_step", "generate",
+__all__ = ["Decoder", "GenerationResponse", "Sampler", "SamplerArgs", "SamplerRNG",
+           "apply_penalties", "candidates", "decode_step", "descending", "generate",
            "make_sampler", "stream_generate"]
 
-Sampler = Callable[[mx.array], mx.array]
+SamplerFn = Callable[[mx.array], mx.array]
 
 
-def make_sampler(args: SamplerArgs) -> Sampler:
-    """``logits [1, vocab] -> token [1]`` as graph ops (greedy, or temperature / top-k / top-p
-    and a draw from MLX's random state)."""
-    if args.temp == 0:
+def apply_penalties(z: mx.array, args: SamplerArgs, window: mx.array | None) -> mx.array:
+    """:func:`quantref.generate.apply_penalties` as graph ops: ``z float32 [vocab]`` and the
+    window's token ids ``int32 [n]`` (entries < 0 are empty slots) -> the penalized logits
+    ``float32 [vocab]``; the counts are a scatter-add, so no host transfer."""
+    if window is None or window.size == 0:
+        return z
+    vocab = z.shape[-1]
+    ids = mx.where((window >= 0) & (window < vocab), window, vocab)  # empty slots: a spare bin
+    counts = mx.zeros((vocab + 1,), mx.float32).at[ids].add(1.0)[:vocab]
+    rp = mx.array(args.repeat_penalty, mx.float32)
+    pen = mx.where(z <= 0, z * rp, z / rp)
+    pen = pen - (counts * mx.array(args.frequency_penalty, mx.float32)
+                 + mx.array(args.presence_penalty, mx.float32))
+    return mx.where(counts > 0, pen, z)
+
+
+def descending(z: mx.array) -> mx.array:
+    """:func:`quantref.generate.descending`: indices of ``z float32 [n]`` from the largest value
+    to the smallest, equal values in index order, whether or not the backend's sort is stable:
+    the sort key is the value's order-preserving integer image times 2**24 plus the reversed
+    index (vocabularies up to 2**24 tokens), unique per entry. ``[n] uint32``."""
+    n = z.shape[-1]
+    bits = mx.view(z + 0.0, mx.int32)  # + 0.0 makes -0.0 equal to 0.0, as C++ compares them
+    ordered = mx.where(bits < 0, bits ^ 0x7FFFFFFF, bits).astype(mx.int64)
+    key = ordered * (1 << 24) + ((1 << 24) - 1 - mx.arange(n, dtype=mx.int64))
+    return mx.argsort(-key)
+
+
+def candidates(z: mx.array, args: SamplerArgs) -> tuple[mx.array, mx.array, mx.array]:
+    """:func:`quantref.generate.candidates` with fixed shapes: ``z float32 [vocab]`` (penalized)
+    -> ``(ids [vocab], logits float32 [vocab], kept bool [vocab])`` in llama.cpp's candidate
+    order (sorted once top-k or top-p runs, else token order); a token dropped by top-k, top-p
+    or min-p stays in place with ``kept`` false."""
+    vocab = z.shape[-1]
+    pos = mx.arange(vocab)
+    if args.top_k or args.top_p < 1.0:
+        ids = descending(z)
+        z = z[ids]
+    else:
+        ids = pos
+    kept = pos < min(args.top_k, vocab) if args.top_k else mx.ones((vocab,), mx.bool_)
+    if args.top_p < 1.0:
+        p = mx.where(kept, mx.exp(z - z[0]), 0.0)
+        run = mx.cumsum(p / mx.sum(p))
+        reached = kept & (run >= mx.array(args.top_p, mx.float32))
+        # the first position whose running sum reaches top_p, or all (rounding short of it)
+        last = mx.where(mx.any(reached), mx.argmax(reached), vocab)
+        kept = kept & (pos <= last)
+    if args.min_p > 0:
+        top = mx.max(mx.where(kept, z, -mx.inf))
+        kept = kept & (z >= top + float(np.log(np.float32(args.min_p))))
+    return ids, z, kept
+
+
+class Sampler:
+    """``logits [1, vocab] -> token [1]`` as graph ops: :func:`quantref.generate.sample` with
+    the uniform draw taken on the host from a :class:`quantref.generate.SamplerRNG` (one per
+    call, so the same seed gives the same draws as the NumPy backend) and the penalty window
+    kept on the device: each call appends its own (lazy) token, so building the next step's
+    graph never waits for this one's value. ``history``: the prompt's ids, which the window
+    starts from."""
+
+    def __init__(self, args: SamplerArgs, rng: SamplerRNG | None = None,
+                 history: Sequence[int] = ()):
+        self.args, self.rng = args, rng if rng is not None else SamplerRNG()
+        self.window = None
+        if args.penalized:
+            w = [int(t) for t in args.window(list(history))]
+            if args.repeat_last_n > 0:  # a fixed-size ring: empty slots are -1
+                w = [-1] * (args.repeat_last_n - len(w)) + w
+            self.window = mx.array(w, mx.int32)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        args = self.args
+        z = apply_penalties(logits.reshape(-1).astype(mx.float32), args, self.window)
+        u = self.rng.uniform()
+        if args.temp == 0:
+            y = mx.argmax(z, keepdims=True)
+        else:
+            ids, z, kept = candidates(z, args)
+            z = z / mx.array(args.temp, mx.float32)
+            p = mx.where(kept, mx.exp(z - mx.max(mx.where(kept, z, -mx.inf))), 0.0)
+            run = mx.cumsum(p)
+            # llama_sampler_dist_apply: the first kept candidate whose running sum reaches u*sum
+            i = mx.argmax(kept & (run >= run[-1] * mx.array(u, mx.float32)))
+            y = ids[i].reshape(1).astype(mx.uint32)
+        if self.window is not None:
+            tail = self.window[1:] if self.args.repeat_last_n > 0 else self.window
+            self.window = mx.concatenate([tail, y.astype(mx.int32)])
+        return y.reshape(logits.shape[:-1])
+
+
+def make_sampler(args: SamplerArgs, rng: SamplerRNG | None = None,
+                 history: Sequence[int] = ()) -> SamplerFn:
+    """``logits [1, vocab] -> token [1]`` as graph ops: the plain argmax when greedy with no
+    penalty, else a :class:`Sampler` (``rng``: the draws' stream, a random seed if None;
+    ``history``: the prompt's token ids, for the penalties)."""
+    if args.temp == 0 and not args.penalized:
         return lambda logits: mx.argmax(logits, axis=-1)
-
-    def sampler(logits: mx.array) -> mx.array:
-        z = logits.astype(mx.float32) / args.temp
-        if args.top_k and args.top_k < z.shape[-1]:
-            kth = mx.sort(z, axis=-1)[..., -args.top_k][..., None]
-            z = mx.where(z < kth, -mx.inf, z)
-        if args.top_p < 1.0:
-            p = mx.softmax(z, axis=-1)
-            order = mx.argsort(-p, axis=-1)
-            sorted_p = mx.take_along_axis(p, order, axis=-1)
-            # keep a token if the mass before it is still short of top_p
-            before = mx.cumsum(sorted_p, axis=-1) - sorted_p
-            keep_sorted = before < args.top_p
-            keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
-            z = mx.where(keep, z, -mx.inf)
-        return mx.random.categorical(z, axis=-1)
-
-    return sampler
+    return Sampler(args, rng, history)
 
 
-def decode_step(model: "Model", token: mx.array, cache: "KVCache", sampler: Sampler) -> mx.array:
+def decode_step(model: "Model", token: mx.array, cache: "KVCache",
+                sampler: SamplerFn) -> mx.array:
     """The graph of one decoded token: ``token [1]`` -> the next token ``[1]`` (lazy)."""
     logits = model.forward(token, cache, last_only=True)  # [1, vocab]
     return sampler(logits)
@@ -84,7 +167,7 @@ class Decoder:
     - otherwise the plain graph, built op by op (:func:`decode_step`).
     """
 
-    def __init__(self, model: "Model", cache: "KVCache", sampler: Sampler,
+    def __init__(self, model: "Model", cache: "KVCache", sampler: SamplerFn,
                  compiled: bool | None = None, fused: bool | None = None):
         from .cache import StepCache, TurboKeyCodec
         from .model import on_gpu
@@ -101,12 +184,13 @@ class Decoder:
         # contract a multiply-add and round differently from the oracle; on a GPU it is a
         # custom kernel that rounds every operation explicitly, compiled or not.
         exact_when_fused = on_gpu() or not turbo
-        self.compiled = bool(compiled and model.sync == "step" and not cache.k_window
-                             and exact_when_fused)
+        # a k-window's float keys are a growing list in the plain graph: not compiled there
+        self.compiled = bool(compiled and model.sync == "step" and exact_when_fused
+                             and (self.fused or not cache.k_window))
 
         self._pos = None  # fused: the position as a device array, advanced on the device
         if self.fused:
-            step = FusedStep(model)
+            step = FusedStep(model, TurboSpec.of(cache))
         else:
             def step(token, offset, k, v):
                 view = StepCache(cache.k_codec, cache.v_codec, k, v, offset)
@@ -138,9 +222,12 @@ class Decoder:
             self._pos = (position(cache.length), cache.length)
             self._one = position(1)
         pos = self._pos[0]
-        logits, k, v = self._step(token, pos, k, v)
+        window = [cache.take_window()] if cache.k_window else []  # written in place
+        logits, k, v = self._step(token, pos, k, v, *window)
         self._pos = (pos + self._one, cache.length + 1)
         cache.give_buffers(k, v, 1)
+        if window:
+            cache.give_window(window[0])
         y = self.sampler(logits)
         if y.size != 1:
             return y
@@ -155,8 +242,13 @@ def stream_generate(
     temp: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
     seed: int | None = None,
-    chat: bool = False,
+    chat: bool | None = None,
     kv: str = "fp32",
     prefill_step: int = 256,
     compiled: bool | None = None,
@@ -164,10 +256,10 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """As :func:`quantref.generate.stream_generate`, evaluated once per token (``compiled``:
     see :class:`Decoder`)."""
-    sampler = make_sampler(SamplerArgs(temp, top_p, top_k))
+    args = SamplerArgs(temp, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
+                       frequency_penalty, presence_penalty)
     ids = prompt_ids(model, prompt, max_tokens, chat)
-    if seed is not None:
-        mx.random.seed(seed)
+    sampler = make_sampler(args, SamplerRNG(seed), ids)
     cache = model.make_cache(kv, **cache_options)
 
     start = time.perf_counter()

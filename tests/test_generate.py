@@ -3,12 +3,16 @@ proof that an MLX decode step is built without a single evaluation or host trans
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import quantref
-from quantref.generate import SamplerArgs, encode_prompt, sample
+from quantref.generate import SamplerArgs, SamplerRNG, encode_prompt, sample
 from quantref.testing import write_tiny_llama
+from quantref.tokenizer import ChatTemplateError
 
 mx = pytest.importorskip("mlx.core")
 import quantref_mlx  # noqa: E402
@@ -28,7 +32,7 @@ def tiny(tiny_path):
 
 def test_sampling_rules():
     logits = np.array([0.0, 3.0, 1.0, 2.9, -5.0], np.float32)
-    rng = np.random.default_rng(0)
+    rng = SamplerRNG(0)
     assert sample(logits, SamplerArgs(), rng) == 1  # greedy
     draws = {sample(logits, SamplerArgs(temp=1.0, top_k=2), rng) for _ in range(200)}
     assert draws == {1, 3}  # only the two most likely survive top-k = 2
@@ -44,10 +48,11 @@ def test_sampling_rules():
 def test_mlx_sampler_rules():
     logits = mx.array([[0.0, 3.0, 1.0, 2.9, -5.0]])
     assert make_sampler(SamplerArgs())(logits).item() == 1
-    mx.random.seed(0)
-    draws = {make_sampler(SamplerArgs(temp=1.0, top_k=2))(logits).item() for _ in range(100)}
+    top_k, top_p = (make_sampler(SamplerArgs(temp=1.0, top_k=2), SamplerRNG(0)),
+                    make_sampler(SamplerArgs(temp=1.0, top_p=0.5), SamplerRNG(1)))
+    draws = {top_k(logits).item() for _ in range(100)}
     assert draws == {1, 3}
-    draws = {make_sampler(SamplerArgs(temp=1.0, top_p=0.5))(logits).item() for _ in range(100)}
+    draws = {top_p(logits).item() for _ in range(100)}
     assert draws == {1, 3}
 
 
@@ -80,6 +85,34 @@ def test_chat_prompts_use_the_template(tiny):
     text = m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert ids == m.tokenizer.encode(text, parse_special=True)
     assert m.tokenizer.token_to_id("<|im_start|>") in ids
+
+
+def test_text_prompts_use_the_chat_template_by_default(tiny_path):
+    """mlx-lm's default: a text prompt is one user message through the model's chat template
+    when it has one; ``chat=False`` sends the raw text; ids pass through untouched. Both
+    backends, and the CLI (``--no-chat`` / ``--raw``)."""
+    m, mm = quantref.load(tiny_path), quantref_mlx.load(tiny_path, weights="float")
+    tok = m.tokenizer
+    templated = encode_prompt(tok, "hi", chat=True)
+    raw = tok.encode("hi", add_special=True)
+    assert templated != raw and encode_prompt(tok, "hi") == templated
+    assert encode_prompt(tok, "hi", chat=False) == raw
+    assert encode_prompt(tok, [5, 6], chat=True) == [5, 6]
+    for engine, model in ((quantref, m), (quantref_mlx, mm)):
+        assert next(engine.stream_generate(model, "hi", 1)).prompt_tokens == len(templated)
+        assert next(engine.stream_generate(model, "hi", 1, chat=False)).prompt_tokens == len(raw)
+    for flag, n in (([], len(templated)), (["--no-chat"], len(raw)), (["--raw"], len(raw))):
+        p = subprocess.run([sys.executable, "-m", "quantref.cli", "generate", "--model",
+                            str(tiny_path), "--backend", "numpy", "-p", "hi", "-n", "1", *flag],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert f"prompt: {n} tokens" in p.stderr, (flag, p.stderr)
+    # a model without a template: raw text by default, a clear error when chat is required
+    tok = quantref.load(tiny_path).tokenizer
+    tok.chat_template = None  # as a GGUF without tokenizer.chat_template loads (Gemma's here)
+    assert encode_prompt(tok, "hi") == raw
+    with pytest.raises(ChatTemplateError, match="chat_template is absent"):
+        encode_prompt(tok, "hi", chat=True)
 
 
 @pytest.mark.parametrize("kv", ["fp32", "fp16", "q8_0", "turbo_kv_4b"])
@@ -147,7 +180,9 @@ def test_a_decode_step_is_built_without_evaluating(tiny, monkeypatch):
 def test_generation_evaluates_once_per_token(tiny, monkeypatch):
     counter = _Counter(monkeypatch)
     n = 10
-    out = list(quantref_mlx.stream_generate(tiny[1], "the river bank", n, temp=0.7, seed=3))
+    # sampled with a penalty window and min-p: the window stays on the device, no extra sync
+    out = list(quantref_mlx.stream_generate(tiny[1], "the river bank", n, temp=0.7, seed=3,
+                                            repeat_penalty=1.2, min_p=0.05))
     # prefill: one eval (a single chunk, with the first token); then one async_eval per further
     # token (the next step starts before a token is read, so a stop at k < n has started k),
     # and one host transfer per token: the token itself
