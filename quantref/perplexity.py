@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 __all__ = ["PerplexityResult", "kl_divergence", "log_softmax", "logsumexp", "perplexity",
-           "perturbation_scale"]
+           "perturbation_scale", "progress_bar"]
 
 
 @dataclass
@@ -145,7 +145,8 @@ def perplexity(
     pass (a prefill chunk). ``perturb=k`` scales the token embeddings by
     :func:`perturbation_scale` ``(k)`` (a 1-ulp-scale change, to measure how chaotic a result
     is). ``reference``: a run with ``keep_logprobs=True`` to measure KL and top-1 agreement
-    against. ``progress``: a tqdm bar (default: on a terminal).
+    against. ``progress``: a tqdm bar of this run's tokens (default: on a terminal), or a bar
+    to advance by them (the CLI's one bar over several runs).
     """
     windows = make_windows(model, text, ids, ctx, batch)
     n_scored = sum(len(w) - 1 for w in windows)
@@ -159,7 +160,7 @@ def perplexity(
     scale = perturbation_scale(perturb)
     cache = None
     total = sum(len(w) for w in windows)
-    bar = tqdm(total=total, unit="tok", desc=f"ppl {kv}", disable=not _show(progress), leave=False)
+    bar = progress_bar(progress, total, f"ppl {kv}")
     start = time.perf_counter()
     row = 0
     try:
@@ -183,7 +184,8 @@ def perplexity(
                 row += n
                 bar.update(len(chunk))
     finally:
-        bar.close()
+        if bar is not progress:  # a bar handed in is the caller's to close
+            bar.close()
     seconds = time.perf_counter() - start
 
     from .cache import kv_label
@@ -250,6 +252,15 @@ def _turbo_options(kv: str, v: str | None, k_window: int, score_path: str) -> di
     if v is not None or k_window or score_path != "int8_codebook":
         raise ValueError(f"v=, k_window= and score_path= apply to turbo_kv K types, not {kv!r}")
     return {}
+
+
+def progress_bar(progress: "bool | None | tqdm", total: int, desc: str) -> tqdm:
+    """The bar a run advances by its tokens: ``progress`` itself when it is a bar (something
+    with ``update``), else a new one of ``total`` tokens, shown when ``progress`` is true, or
+    for ``None`` on a terminal."""
+    if hasattr(progress, "update"):
+        return progress
+    return tqdm(total=total, unit="tok", desc=desc, disable=not _show(progress), leave=False)
 
 
 def _show(progress: bool | None) -> bool:

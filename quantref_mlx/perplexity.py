@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 import numpy as np
-from tqdm.auto import tqdm
 
-from quantref.perplexity import (PerplexityResult, _show, _turbo_options, check_reference,
-                                 kl_divergence, make_windows, perturbation_scale)
+from quantref.perplexity import (PerplexityResult, _turbo_options, check_reference,
+                                 kl_divergence, make_windows, perturbation_scale, progress_bar)
 
 if TYPE_CHECKING:
     from .model import Model
@@ -57,8 +56,7 @@ def perplexity(
                 if keep_logprobs or reference is not None else None)
     scale = perturbation_scale(perturb)
     total = sum(len(w) for w in windows)
-    bar = tqdm(total=total, unit="tok", desc=f"ppl {kv} (mlx)", disable=not _show(progress),
-               leave=False)
+    bar = progress_bar(progress, total, f"ppl {kv} (mlx)")
     cache = None
     start = time.perf_counter()
     row = 0
@@ -84,7 +82,8 @@ def perplexity(
                 row += n
                 bar.update(len(chunk))
     finally:
-        bar.close()
+        if bar is not progress:  # a bar handed in is the caller's to close
+            bar.close()
     seconds = time.perf_counter() - start
 
     from .cache import kv_label
