@@ -26,13 +26,16 @@ the input or follows a special token. ``docs/tokenizers.md`` lists what is suppo
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -287,6 +290,223 @@ def _source_name(gguf_file: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Chat templates: the renderer of Hugging Face transformers
+# --------------------------------------------------------------------------------------------
+
+# The special tokens transformers gives a template (its ``special_tokens_map``), with the key
+# of each id here; the GGUF keys are tokenizer.ggml.{bos,eos,unknown,seperator,padding,
+# mask}_token_id. transformers' cls_token has no GGUF key (gguf-py writes no id for it), so a
+# template never sees it here.
+_TEMPLATE_SPECIAL_TOKENS = (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unk"),
+                            ("sep_token", "sep"), ("pad_token", "pad"), ("mask_token", "mask"))
+# transformers' names for a message's reasoning; templates read the first.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# What transformers appends to a message continued by continue_final_message.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# transformers refuses older jinja2: chat templates are untrusted code and older sandboxes
+# have known escapes.
+_MIN_JINJA2 = (3, 1, 6)
+
+
+def _template_key(name: str) -> str:
+    return "tokenizer.chat_template" + ("" if name == "default" else "." + name)
+
+
+def _strftime_now(format: str) -> str:
+    """transformers' ``strftime_now``: the local time now, ``datetime.now().strftime``."""
+    return datetime.now().strftime(format)
+
+
+@lru_cache(maxsize=1)
+def _chat_environment() -> Any:
+    """The jinja environment of transformers' ``_compile_jinja_template`` (transformers 5.24,
+    ``utils/chat_template_utils.py``), rebuilt here so that transformers is not a dependency:
+
+    - ``ImmutableSandboxedEnvironment`` (templates are untrusted; lists and dicts passed in
+      cannot be changed), ``trim_blocks=True``, ``lstrip_blocks=True``, no autoescape;
+    - extensions: ``{% generation %} ... {% endgeneration %}`` (transformers'
+      ``AssistantTracker``: renders its body, and records the body's character span while a
+      tracker is active) and ``jinja2.ext.loopcontrols`` (``{% break %}``, ``{% continue %}``);
+    - filter ``tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)``:
+      ``json.dumps`` with those arguments, in that order (jinja's own escapes HTML and has
+      other arguments);
+    - globals ``raise_exception(message)``, ``strftime_now(format)``, ``dict`` (callable and
+      ``dict.fromkeys`` only) and ``namespace`` (refusing attribute names that start with
+      ``_``).
+    """
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    version = tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3])
+    if version < _MIN_JINJA2:
+        raise ImportError(f"chat templates need jinja2 >= 3.1.6 (older sandboxes have known "
+                          f"escapes), found {jinja2.__version__}")
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        # transformers' AssistantTracker, tag for tag.
+        tags = {"generation"}
+
+        def __init__(self, environment: Any) -> None:
+            super().__init__(environment)
+            environment.extend(activate_tracker=self.activate_tracker)
+            self._tracking: ContextVar[Any] = ContextVar("generation_spans", default=None)
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_generation_support"), [], [],
+                                          body).set_lineno(lineno)
+
+        @jinja2.pass_eval_context
+        def _generation_support(self, context: Any, caller: Any) -> str:
+            rv = caller()
+            tracking = self._tracking.get()
+            if tracking is not None:
+                # As transformers counts: the text yielded so far by Template.generate, so a
+                # span is exact for blocks rendered at the top level of the output.
+                blocks, spans = tracking
+                start = len("".join(blocks))
+                spans.append((start, start + len(rv)))
+            return rv
+
+        @contextmanager
+        def activate_tracker(self, blocks: list[str], spans: list[tuple[int, int]]) -> Any:
+            if self._tracking.get() is not None:
+                raise ValueError("the generation-span tracker is already active")
+            token = self._tracking.set((blocks, spans))
+            try:
+                yield
+            finally:
+                self._tracking.reset(token)
+
+    def raise_exception(message: str) -> None:
+        raise _RaisedByTemplate(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    class TemplateDict:
+        # transformers' stand-in for dict: no attribute of the real type (dict.update could
+        # change a dict through the sandbox) but calling it and fromkeys.
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        # transformers' namespace: no attribute name starting with "_" (CPython internals).
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]  # jinja's signature trick: namespace(self=...) works
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a "
+                    f"namespace, but got {name!r}. Please rename the attribute.")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env
+
+
+@lru_cache(maxsize=32)
+def _compile_chat_template(text: str) -> Any:
+    """``text`` compiled in :func:`_chat_environment`; raises ``jinja2.TemplateSyntaxError``."""
+    return _chat_environment().from_string(text)
+
+
+class _RaisedByTemplate(Exception):
+    """``raise_exception(message)`` called by a template (transformers raises a jinja2
+    ``TemplateError``; here it becomes a :class:`ChatTemplateError` carrying the message)."""
+
+    def __init__(self, message: Any) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _message_objects_to_dicts(value: Any) -> Any:
+    """transformers' ``_message_objects_to_dicts``: mappings, dataclasses and pydantic models
+    (``model_dump``) to dicts, recursively through lists and tuples; anything else as is."""
+    if isinstance(value, Mapping):
+        return {k: _message_objects_to_dicts(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_message_objects_to_dicts(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_message_objects_to_dicts(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _message_objects_to_dicts(getattr(value, f.name))
+                for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _message_objects_to_dicts(value.model_dump())
+    return value
+
+
+def _plain_template_data(value: Any) -> Any:
+    """transformers' ``_plain_template_data``: what a template sees, rebuilt from plain JSON
+    types so that no object's methods reach the sandbox. Exact str/int/float/bool/None as
+    they are; subclasses (enums, numpy float64) as the base type; mappings as dicts, lists
+    and tuples as such; numpy scalars as Python numbers; dataclasses and pydantic models as
+    dicts; anything else as the text ``<TypeName>``."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain_template_data(k): _plain_template_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_template_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain_template_data(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain_template_data(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain_template_data(getattr(value, f.name))
+                for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain_template_data(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning_fields(chat: list[Any]) -> list[Any]:
+    """transformers' ``_alias_reasoning_fields``: a message's reasoning (the first non-None of
+    ``reasoning_content``, ``thinking``, ``reasoning``) copied to ``reasoning_content``, and to
+    ``thinking`` unless the message has one (gpt-oss templates read ``thinking``)."""
+    out = []
+    for message in chat:
+        if isinstance(message, dict):
+            reasoning = next((message[k] for k in _REASONING_FIELDS
+                              if message.get(k) is not None), None)
+            if reasoning is not None:
+                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The tokenizer
 # --------------------------------------------------------------------------------------------
 
@@ -300,7 +520,9 @@ class Tokenizer:
     ``vocab_size``, ``tokens`` (list[str], the vocabulary as stored), ``token_types`` (int8
     ``[vocab_size]``, after llama.cpp's overrides), ``bos_id`` / ``eos_id`` / ``unk_id`` /
     ``pad_id`` (int or None), ``add_bos`` / ``add_eos`` / ``add_space_prefix`` (bool),
-    ``eog_ids`` (frozenset of end-of-generation ids), ``chat_template`` (str or None).
+    ``eog_ids`` (frozenset of end-of-generation ids), ``chat_template`` (str or None: the
+    default template, ``tokenizer.chat_template``), ``chat_templates`` (dict name -> text: the
+    named ones, ``tokenizer.chat_template.<name>``, often empty).
     """
 
     def __init__(
@@ -320,6 +542,7 @@ class Tokenizer:
         eog_ids: Iterable[int],
         chat_template: str | None,
         source: str,
+        chat_templates: Mapping[str, str] | None = None,
     ) -> None:
         self.kind = kind
         self.tokens = tokens
@@ -335,7 +558,9 @@ class Tokenizer:
         self.add_space_prefix = add_space_prefix
         self.eog_ids = frozenset(eog_ids)
         self.chat_template = chat_template
+        self.chat_templates = dict(chat_templates or {})
         self.source = source
+        self._special_ids = dict(special_ids)
         self._token_to_id = token_to_id
         self._special_groups = self._group_special_tokens()
         if kind == "bpe":
@@ -532,65 +757,215 @@ class Tokenizer:
 
     # ---- chat templates --------------------------------------------------------------------
 
-    @cached_property
-    def _compiled_template(self) -> Any:
-        if self.chat_template is None:
-            raise ChatTemplateError(f"{self.source}: the model has no chat template "
-                                    f"(metadata key tokenizer.chat_template is absent)")
+    def _chat_template_text(self, chat_template: str | None, tools: Any) -> tuple[str, str]:
+        """(template text, its name for messages), chosen as transformers'
+        ``get_chat_template`` chooses: with named templates, ``chat_template`` may name one; with
+        none named, ``tools`` picks ``tool_use`` if the model has it, else ``default``. A
+        ``chat_template`` that is not a name is the template text itself."""
+        if self.chat_templates:
+            named = dict(self.chat_templates)
+            if self.chat_template is not None:
+                named["default"] = self.chat_template
+            if chat_template is not None and chat_template in named:
+                return named[chat_template], _template_key(chat_template)
+            if chat_template is None:
+                if tools is not None and "tool_use" in named:
+                    return named["tool_use"], _template_key("tool_use")
+                if "default" in named:
+                    return named["default"], _template_key("default")
+                raise ChatTemplateError(
+                    f"{self.source}: the model has several chat templates and no default; pass "
+                    f"chat_template=NAME, one of {sorted(named)}")
+        elif chat_template is None:
+            if self.chat_template is None:
+                raise ChatTemplateError(f"{self.source}: the model has no chat template "
+                                        f"(metadata key tokenizer.chat_template is absent)")
+            return self.chat_template, _template_key("default")
+        if not isinstance(chat_template, str):
+            raise TypeError(f"chat_template must be a template name or text, not "
+                            f"{type(chat_template).__name__}")
+        return chat_template, "passed as chat_template"
+
+    def _compile_chat_template(self, text: str, name: str) -> Any:
         import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str) -> None:
-            raise ChatTemplateError(f"{self.source}: chat template: {message}")
-
-        def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
-                   separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-            # HF's override: no HTML escaping, non-ASCII kept (jinja's own tojson escapes both).
-            return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii,
-                              separators=separators, sort_keys=sort_keys)
-
-        # The settings Hugging Face's apply_chat_template renders with, which templates expect.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            return env.from_string(self.chat_template)
+            return _compile_chat_template(text)
         except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"{self.source}: tokenizer.chat_template does not compile: "
-                                    f"{e}") from None
+            raise ChatTemplateError(f"{self.source}: {name} does not compile: {e}") from None
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """``messages`` (each a mapping with a ``role``, usually ``content``) rendered with the
-        model's ``tokenizer.chat_template``; encode the result with ``parse_special=True``.
+    def chat_template_special_tokens(self) -> dict[str, str]:
+        """The special tokens a chat template sees, as text: transformers'
+        ``special_tokens_map`` (``bos_token``, ``eos_token``, ``unk_token``, ``sep_token``,
+        ``pad_token``, ``mask_token``), each only when the vocabulary has that id; absent ones
+        are undefined in the template, as in transformers. (transformers' ``cls_token`` has no
+        GGUF key, so it is never given.)"""
+        return {name: self.tokens[self._special_ids[key]]
+                for name, key in _TEMPLATE_SPECIAL_TOKENS
+                if self._special_ids.get(key) is not None}
 
-        ``bos_token`` / ``eos_token`` are provided as text; extra keyword arguments (``tools``,
-        ...) are passed to the template.
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        continue_final_message: bool | str = False,
+        return_generation_spans: bool = False,
+        **kwargs: Any,
+    ) -> str | tuple[str, list[tuple[int, int]]]:
+        """``messages`` rendered with the model's chat template, the text transformers'
+        ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` gives (transformers
+        5.24, ``tokenization_utils_base.py`` and ``utils/chat_template_utils.py``); encode the
+        result with ``parse_special=True``.
+
+        What transformers does and this does too, in its order: the template is chosen by
+        ``chat_template`` / ``tools`` among the model's named templates
+        (``tokenizer.chat_template.<name>``); ``messages`` (mappings, dataclasses or pydantic
+        models, each message's keys whose value is None dropped) and ``tools``, ``documents``
+        and ``kwargs`` are rebuilt from plain JSON types (tuples kept, numpy scalars as Python
+        numbers, any other object as the text ``<TypeName>``); a message's reasoning given as
+        ``reasoning_content``, ``thinking`` or ``reasoning`` is copied under
+        ``reasoning_content`` and (unless present) ``thinking``; the template sees
+        ``messages``, ``tools`` and ``documents`` (None when not given),
+        ``add_generation_prompt``, the special tokens (:meth:`chat_template_special_tokens`)
+        and ``kwargs`` (which override them). ``continue_final_message`` (True, or the name of
+        the final message's field to continue) leaves the final message open. The jinja
+        environment is transformers' (see ``docs/tokenizers.md``): ``{% generation %}``,
+        loop controls, ``trim_blocks`` / ``lstrip_blocks``, its ``tojson``, ``raise_exception``,
+        ``strftime_now``, ``dict`` and ``namespace``, an immutable sandbox.
+
+        ``add_generation_prompt`` defaults to True (False with ``continue_final_message``):
+        quantref renders prompts to generate from; transformers' default is False.
+        ``return_generation_spans``: also return the ``(start, end)`` character spans of the
+        ``{% generation %}`` blocks in the text, as transformers' ``render_jinja_template``
+        returns them for ``return_assistant_tokens_mask``.
+
+        Raises :class:`ChatTemplateError` (a ValueError) when the model has no template, the
+        template does not compile, raises or fails to render (the message says which and
+        why), or ``continue_final_message`` cannot be applied; ``ValueError`` for an empty
+        conversation, a tool that is not a JSON schema (a Python function is not converted
+        here, unlike transformers) or incompatible options; ``TypeError`` for a message or
+        document that is not a mapping.
         """
         import jinja2
 
+        text, name = self._chat_template_text(chat_template, tools)
+        template = self._compile_chat_template(text, name)
+
+        messages = getattr(messages, "messages", messages)  # transformers' Conversation objects
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-            raise ValueError("messages must be a list of {'role': ..., 'content': ...} mappings")
-        for k, m in enumerate(messages):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
-                raise ValueError(f"messages[{k}] must be a mapping with a str 'role', got {m!r}")
-        template = self._compiled_template
-        context = {
-            "bos_token": self.tokens[self.bos_id] if self.bos_id is not None else "",
-            "eos_token": self.tokens[self.eos_id] if self.eos_id is not None else "",
-            **kwargs,
-            "messages": [dict(m) for m in messages],
-            "add_generation_prompt": add_generation_prompt,
-        }
+            raise TypeError(f"messages must be a list of message mappings, not "
+                            f"{type(messages).__name__}")
+        if len(messages) == 0:
+            raise ValueError("cannot apply a chat template to an empty conversation")
+        chat = []
+        for k, message in enumerate(messages):
+            message = _message_objects_to_dicts(message)
+            if not isinstance(message, dict):
+                raise TypeError(f"messages[{k}] must be a mapping, a dataclass or a pydantic "
+                                f"model, got {message!r}")
+            # transformers drops None values: templates test for a key, not for None.
+            chat.append({key: v for key, v in message.items() if v is not None})
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not "
+                             "compatible: one continues the final message, the other starts "
+                             "a new one")
+        if continue_final_message and return_generation_spans:
+            raise ValueError("continue_final_message is not compatible with "
+                             "return_generation_spans")
+        if tools is not None:
+            if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+                raise ValueError(f"tools must be a list of JSON schemas, not "
+                                 f"{type(tools).__name__}")
+            for k, tool in enumerate(tools):
+                if not isinstance(tool, Mapping):
+                    why = (" (quantref does not turn Python functions into schemas as "
+                           "transformers' get_json_schema does)" if callable(tool) else "")
+                    raise ValueError(f"tools[{k}] must be a JSON schema (a mapping), got "
+                                     f"{type(tool).__name__}{why}")
+        if documents is not None:
+            for k, document in enumerate(documents):
+                if not isinstance(document, Mapping):
+                    raise TypeError(f"documents[{k}] must be a mapping (with 'title' and "
+                                    f"'text'), got {type(document).__name__}")
+        context = _plain_template_data({**self.chat_template_special_tokens(), **kwargs})
+        chat = _alias_reasoning_fields(_plain_template_data(chat))
+
+        final_message = None
+        if continue_final_message:
+            final_message = self._mark_final_message(chat, continue_final_message, text)
+        render_args = dict(messages=chat, tools=_plain_template_data(tools),
+                           documents=_plain_template_data(documents),
+                           add_generation_prompt=add_generation_prompt, **context)
+        spans: list[tuple[int, int]] = []
         try:
-            return template.render(**context)
-        except ChatTemplateError:
-            raise
+            if return_generation_spans:
+                blocks: list[str] = []
+                with template.environment.activate_tracker(blocks, spans):
+                    for block in template.generate(**render_args):
+                        blocks.append(block)
+                rendered = "".join(blocks)
+            else:
+                rendered = template.render(**render_args)
+        except _RaisedByTemplate as e:
+            raise ChatTemplateError(f"{self.source}: chat template: {e.message}") from None
         except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"{self.source}: chat template failed to render: {e}") from None
+            raise ChatTemplateError(f"{self.source}: chat template failed to render: "
+                                    f"{type(e).__name__}: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            # Python errors from inside the template (e.g. str + int); transformers lets these
+            # propagate as they are.
+            raise ChatTemplateError(f"{self.source}: chat template failed to render: "
+                                    f"{type(e).__name__}: {e}") from e
+        if final_message is not None:
+            rendered = self._cut_at_final_message(rendered, final_message)
+        return (rendered, spans) if return_generation_spans else rendered
+
+    def _mark_final_message(self, chat: list[Any], field: bool | str, template_text: str) -> str:
+        """transformers' ``continue_final_message``: append a tag to the final message's field
+        (``content`` for True) so that the rendering can be cut there; returns the field's
+        text as it was."""
+        field = field if isinstance(field, str) else "content"
+        final = chat[-1]
+        if not isinstance(final, dict) or (final_message := final.get(field)) is None:
+            raise ChatTemplateError(f"continue_final_message is set but the final message has "
+                                    f"no {field!r} to continue")
+        fields = [field]
+        if field in _REASONING_FIELDS:
+            # reasoning is copied under several names: tag each copy, the template reads one
+            fields = [f for f in _REASONING_FIELDS if final.get(f) == final_message]
+        if not any(f in template_text for f in fields):
+            raise ChatTemplateError(f"continue_final_message is set to {field!r} but the chat "
+                                    f"template does not read that field")
+        if isinstance(final_message, (list, tuple)):
+            for block in reversed(final_message):
+                if "text" in block:  # the last text block is the one continued
+                    final_message = block["text"]
+                    block["text"] = block["text"] + _CONTINUE_TAG
+                    break
+            else:
+                raise ChatTemplateError("continue_final_message is set but the final message "
+                                        "has no text block to continue")
+        else:
+            for f in fields:
+                final[f] = final[f] + _CONTINUE_TAG
+        return final_message
+
+    def _cut_at_final_message(self, rendered: str, final_message: str) -> str:
+        tag = _CONTINUE_TAG.strip()
+        if final_message.strip() not in rendered or tag not in rendered:
+            raise ChatTemplateError(
+                f"{self.source}: continue_final_message is set but the final message does not "
+                f"appear in the rendered chat (the template drops or changes part of it)")
+        at = rendered.rindex(tag)
+        if rendered[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            return rendered[:at]  # the template kept the spacing
+        return rendered[:at].rstrip()  # it trimmed trailing space: cut the space before too
 
 
 # --------------------------------------------------------------------------------------------
@@ -813,7 +1188,8 @@ def from_metadata(metadata: Mapping[str, Any], source: str = "GGUF metadata") ->
         defaults = {"bos": 11, "eos": 11}
         add_bos_default, add_space_prefix_default = PRE_TOKENIZERS[pre].add_bos, False
     names = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding", "eot": "eot",
-             "eom": "eom", **{f: f for f in _FIM_TEXTS}}
+             "eom": "eom", "sep": "seperator", "mask": "mask",  # gguf's spelling
+             **{f: f for f in _FIM_TEXTS}}
     ids = {name: meta.token_id(f"{_KEY}{key}_token_id", n, defaults.get(name))
            for name, key in names.items()}
 
@@ -829,11 +1205,29 @@ def from_metadata(metadata: Mapping[str, Any], source: str = "GGUF metadata") ->
 
     types, eog = _llama_cpp_special_tokens(token_to_id, types, ids)
     chat_template = meta.string("tokenizer.chat_template")
+    chat_templates = _named_chat_templates(meta)
     return Tokenizer(kind=kind, tokens=tokens, token_to_id=token_to_id, token_types=types,
                      scores=scores, merges=merges, pre=pre, special_ids=ids,
                      add_bos=add_bos, add_eos=add_eos,
                      add_space_prefix=add_space_prefix, eog_ids=eog, chat_template=chat_template,
-                     source=source)
+                     chat_templates=chat_templates, source=source)
+
+
+def _named_chat_templates(meta: _Meta) -> dict[str, str]:
+    """The named chat templates: gguf-py writes each ``{name, template}`` of a Hugging Face
+    ``chat_template`` list other than ``default`` as ``tokenizer.chat_template.<name>`` and
+    lists the names in ``tokenizer.chat_templates``; llama.cpp looks them up by key."""
+    prefix = "tokenizer.chat_template."
+    names = meta.str_list("tokenizer.chat_templates", required=False) or []
+    names += [k[len(prefix):] for k in meta.md if isinstance(k, str) and k.startswith(prefix)]
+    out = {}
+    for name in names:
+        text = meta.string(prefix + name)
+        if text is None:
+            raise meta.error("tokenizer.chat_templates", f"names {name!r} but {prefix}{name} "
+                                                         f"is absent")
+        out[name] = text
+    return out
 
 
 def _llama_cpp_special_tokens(token_to_id: Mapping[str, int], types: np.ndarray,
