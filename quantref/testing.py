@@ -153,6 +153,7 @@ def write_tiny_llama(
     norm_eps: float = 1e-5,
     seed: int = 0,
     add_bos: bool = False,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write a random Llama GGUF with the fixed tiny vocabulary; returns ``Path(path)``.
 
@@ -163,6 +164,7 @@ def write_tiny_llama(
     Weights: normal, std 1/sqrt(in_features) (so each projection keeps activations O(1); the
     embedding uses 1/sqrt(dim) so that tied logits are O(1)); norm weights 1 + N(0, 0.1^2);
     rope_freqs factors uniform in [1, 4) (Llama-3-style long-context factors are >= 1).
+    chat_template: the ``tokenizer.chat_template`` text (default: a ChatML template).
     """
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {sorted(QTYPES)}, got {qtype!r}")
@@ -211,7 +213,7 @@ def write_tiny_llama(
     put("tokenizer.ggml.eos_token_id", EOS_ID, U32)
     put("tokenizer.ggml.unknown_token_id", 0, U32)
     put("tokenizer.ggml.padding_token_id", 2, U32)
-    put("tokenizer.chat_template", CHAT_TEMPLATE, STR)
+    put("tokenizer.chat_template", chat_template, STR)
     put("general.quantization_version", 2, U32)
 
     shapes = tiny_llama_tensor_shapes(

@@ -5,8 +5,9 @@ for each case: the environment it configures (``{% generation %}``, loop control
 trim/lstrip blocks, its ``tojson``, ``raise_exception``, ``strftime_now``, ``dict``,
 ``namespace``, the immutable sandbox), what its ``apply_chat_template`` passes in (tools,
 documents, special tokens, None-valued keys dropped, reasoning aliases, plain data,
-``continue_final_message``, named templates), and 14 real templates of 11 model families as
-GGUF files carry them. ``tests/data/make_chat_template_golden.py`` made it (transformers is
+``continue_final_message``, named templates), and 14 real templates as GGUF files carry them
+(SmolLM2, SmolLM3, Llama 3.1, Llama 3.2, Qwen2.5, Qwen3, Gemma 3, Phi-4-reasoning, Phi-4-mini,
+DeepSeek-R1, Granite 3.3, Mistral Small 3.2, LFM2.5, gpt-oss). ``tests/data/make_chat_template_golden.py`` made it (transformers is
 not a quantref dependency). Each case's template goes through a real GGUF file here: written
 with gguf-py's ``GGUFWriter`` (``add_chat_template``), read with ``quantref.gguf``.
 """
@@ -235,3 +236,20 @@ def test_default_model_template_is_the_golden_one(smollm):
     assert smollm.chat_template_special_tokens() == cases[0]["special_tokens"]
     for case in cases:
         check(smollm, case)
+
+
+@pytest.mark.parametrize("family", ["lfm2.5", "phi4-reasoning"])
+def test_cli_chat_runs_a_template_with_generation_tags(family, tmp_path, capsys):
+    # The fault that opened issue 10: `--chat` refused these templates as not compiling.
+    from quantref.cli import main
+
+    path = testing.write_tiny_llama(tmp_path / "tiny.gguf", context_length=2048,
+                                    chat_template=GOLDEN["templates"][family]["text"])
+    assert main(["generate", "--model", str(path), "-p", "Hi", "-n", "2", "--chat",
+                 "--backend", "numpy", "--temp", "0"]) == 0
+    assert "prompt:" in capsys.readouterr().err
+    with gguf.read(path) as gf:
+        tok = from_gguf(gf)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt.endswith("assistant<|im_sep|>" if family == "phi4-reasoning"
+                           else "<|im_start|>assistant\n")
