@@ -6,7 +6,8 @@ A GGUF file (versions 2 and 3, little-endian) is laid out as::
     metadata      kv_count x (string key, u32 value type, value)
     tensor infos  tensor_count x (string name, u32 n_dims, u64 ne[n_dims], u32 ggml type, u64 offset)
     padding       up to ``general.alignment`` (default 32)
-    tensor data   each tensor at data_offset + offset, offsets multiples of the alignment
+    tensor data   each tensor at data_offset + offset; llama.cpp requires each offset to be
+                  the sum of the earlier tensors' sizes, each padded to the alignment
 
 where a string is (u64 byte length, UTF-8 bytes) and an array value is (u32 item type, u64 count,
 items); arrays may nest. ``ne[0]`` is the row length (innermost dimension): this module reverses
@@ -16,8 +17,10 @@ the dimensions once, so every :class:`TensorInfo` shape is in NumPy order (outer
 against the bytes that remain, so that a malformed or hostile file gives a :class:`GGUFError`
 naming the file, the field and its byte offset: never a crash, a hang, or an allocation larger
 than what the file's bytes can back (every count is bounded by the bytes remaining before
-anything is allocated or looped over). Tensor data is not copied: :meth:`GGUFFile.raw` returns
-views into the map.
+anything is allocated or looped over). By default it also refuses every file that llama.cpp's
+loader refuses (``docs/gguf_validation.md`` lists its checks, one by one, and where quantref is
+stricter or looser); ``read(path, strict=False)`` reads what gguf-py reads. Tensor data is not
+copied: :meth:`GGUFFile.raw` returns views into the map.
 
 :func:`write` writes through ``gguf.GGUFWriter`` into a temporary file in the destination folder
 and renames it over the destination only on success. Metadata value types are preserved exactly,
@@ -56,6 +59,9 @@ __all__ = [
     "DEFAULT_ALIGNMENT",
     "MAX_DIMS",
     "MAX_ARRAY_DEPTH",
+    "MAX_ARRAY_ELEMENTS",
+    "MAX_NAME",
+    "MAX_STRING_LENGTH",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -64,6 +70,10 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_DEPTH = 8  # nested arrays: bounded so a hostile file cannot exhaust the Python stack
 INT64_MAX = 2**63 - 1  # ggml stores dimensions and element counts as int64
+# llama.cpp's limits (ggml/src/gguf.cpp, ggml/include/ggml.h), enforced by read(strict=True)
+MAX_STRING_LENGTH = 1 << 30  # GGUF_MAX_STRING_LENGTH: bytes of one string (key, value, name)
+MAX_ARRAY_ELEMENTS = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS: items of one array
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name has at most MAX_NAME - 1 bytes
 
 # A type descriptor: a scalar GGUFValueType, or (ARRAY, item descriptor), or for an array of
 # arrays with differing inner types (ARRAY, [descriptor per item]).
@@ -164,13 +174,14 @@ def _decode_utf8(buf: Any, start: int, n: int) -> str:
 class _Cursor:
     """Bounds-checked little-endian reads from a buffer; every failure is a GGUFError."""
 
-    __slots__ = ("buf", "size", "pos", "path")
+    __slots__ = ("buf", "size", "pos", "path", "strict")
 
-    def __init__(self, buf: Any, path: str | os.PathLike[str]):
+    def __init__(self, buf: Any, path: str | os.PathLike[str], strict: bool = True):
         self.buf = buf
         self.size = len(buf)
         self.pos = 0
         self.path = path
+        self.strict = strict  # llama.cpp's rules (see read())
 
     def error(self, field: str, message: str, offset: int | None = None) -> GGUFError:
         return GGUFError(self.path, field, self.pos if offset is None else offset, message)
@@ -196,6 +207,9 @@ class _Cursor:
     def string(self, field: str) -> str:
         start = self.pos
         n = self.unpack(_U64, field)
+        if self.strict and n > MAX_STRING_LENGTH:
+            raise self.error(field, f"string length {n} exceeds llama.cpp's maximum "
+                             f"{MAX_STRING_LENGTH} (GGUF_MAX_STRING_LENGTH)", start)
         if n > self.size - self.pos:
             raise self.error(
                 field,
@@ -239,9 +253,16 @@ def _parse_array(cur: _Cursor, field: str, depth: int) -> tuple[list, TypeSpec]:
     """Parse an array body (u32 item type, u64 count, items) nested ``depth`` arrays deep."""
     if depth >= MAX_ARRAY_DEPTH:
         raise cur.error(field, f"arrays nested deeper than {MAX_ARRAY_DEPTH} levels")
+    item_at = cur.pos
     item_type = cur.value_type(f"{field} item type")
+    if cur.strict and item_type == _T.ARRAY:
+        raise cur.error(f"{field} item type", "an array of arrays, which llama.cpp refuses "
+                        "(read(strict=False) reads it, as gguf-py does)", item_at)
     count_at = cur.pos
     count = cur.unpack(_U64, f"{field} count")
+    if cur.strict and count > MAX_ARRAY_ELEMENTS:
+        raise cur.error(f"{field} count", f"array of {count} items exceeds llama.cpp's maximum "
+                        f"{MAX_ARRAY_ELEMENTS} (GGUF_MAX_ARRAY_ELEMENTS)", count_at)
     if count > cur.remaining // _MIN_ITEM_BYTES[item_type]:
         raise cur.error(
             f"{field} count",
@@ -285,6 +306,7 @@ def _parse_array(cur: _Cursor, field: str, depth: int) -> tuple[list, TypeSpec]:
 def _parse_string_array(cur: _Cursor, count: int, field: str) -> list[str]:
     """Parse ``count`` strings. The loop is bounded: each string takes at least 8 bytes."""
     buf, size, pos = cur.buf, cur.size, cur.pos
+    limit = MAX_STRING_LENGTH if cur.strict else 1 << 64
     unpack_len = _U64.unpack_from
     out: list[str] = []
     append = out.append
@@ -295,6 +317,10 @@ def _parse_string_array(cur: _Cursor, count: int, field: str) -> list[str]:
                                 f"string length needs 8 bytes but only {size - pos} remain")
             (n,) = unpack_len(buf, pos)
             pos += 8
+            if n > limit:
+                raise GGUFError(cur.path, f"{field} item {len(out)}", pos - 8,
+                                f"string length {n} exceeds llama.cpp's maximum "
+                                f"{MAX_STRING_LENGTH} (GGUF_MAX_STRING_LENGTH)")
             if n > size - pos:
                 raise GGUFError(cur.path, f"{field} item {len(out)}", pos - 8,
                                 f"string length {n} runs past the end of the file "
@@ -392,10 +418,20 @@ class GGUFFile:
         return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
 
-def read(path: str | os.PathLike[str]) -> GGUFFile:
+def read(path: str | os.PathLike[str], strict: bool = True) -> GGUFFile:
     """Parse a GGUF v2/v3 file; tensor data stays in a read-only memory map.
 
-    Raises GGUFError for any malformed content and OSError when the file cannot be opened.
+    ``strict`` (default): refuse every file that llama.cpp's loader refuses (``gguf.cpp``'s
+    ``gguf_init_from_reader`` and ``llama_model_loader``'s bounds check; the list, rule by rule,
+    is ``docs/gguf_validation.md``): besides what is malformed outright, an empty key, an array
+    of arrays, a string or array over llama.cpp's 2**30 limits, a tensor name of 64 bytes or
+    more, and tensor data that does not start exactly where the previous tensor's padded data
+    ends (so no two tensors overlap). ``strict=False`` reads what gguf-py's ``GGUFReader``
+    reads: those five are allowed (any aligned offset, overlaps included), everything else is
+    still checked.
+
+    Raises GGUFError (naming the file, the field and its byte offset) for any malformed content
+    and OSError when the file cannot be opened.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -405,7 +441,7 @@ def read(path: str | os.PathLike[str]) -> GGUFFile:
     # (slicing an mmap would copy the bytes first).
     view = memoryview(mapping if mapping is not None else b"")
     try:
-        return _parse(path, view, mapping, file_size)
+        return _parse(path, view, mapping, file_size, strict)
     except BaseException:
         view.release()  # before close(): an export would keep the map open
         if mapping is not None:
@@ -418,8 +454,9 @@ def read(path: str | os.PathLike[str]) -> GGUFFile:
         view.release()
 
 
-def _parse(path: Path, view: memoryview, mapping: mmap.mmap | None, file_size: int) -> GGUFFile:
-    cur = _Cursor(view, path)
+def _parse(path: Path, view: memoryview, mapping: mmap.mmap | None, file_size: int,
+           strict: bool) -> GGUFFile:
+    cur = _Cursor(view, path, strict)
 
     # Header.
     cur.need(_HEADER.size, "header")
@@ -427,9 +464,17 @@ def _parse(path: Path, view: memoryview, mapping: mmap.mmap | None, file_size: i
     if magic != GGUF_MAGIC:
         raise cur.error("header magic", f"bad magic {magic!r}, expected {GGUF_MAGIC!r}", 0)
     if version not in SUPPORTED_VERSIONS:
-        hint = ""
-        if version & 0xFFFF == 0 and (version >> 24) in SUPPORTED_VERSIONS:
-            hint = " (a big-endian GGUF, which is not supported)"
+        # llama.cpp's four cases, in its order
+        if version == 0:
+            hint = " (version 0 is invalid)"
+        elif version & 0xFFFF == 0:
+            hint = (" (a big-endian GGUF, which is not supported)"
+                    if (version >> 24) in SUPPORTED_VERSIONS else
+                    " (the low 16 bits are 0: a file of the other byte order?)")
+        elif version == 1:
+            hint = " (GGUFv1 is no longer supported, as in llama.cpp)"
+        else:
+            hint = f" (newer than {max(SUPPORTED_VERSIONS)})"
         raise cur.error(
             "header version", f"unsupported GGUF version {version}{hint}; "
             f"supported: {', '.join(map(str, SUPPORTED_VERSIONS))}", 4,
@@ -450,6 +495,8 @@ def _parse(path: Path, view: memoryview, mapping: mmap.mmap | None, file_size: i
     for i in range(n_kv):
         key_at = cur.pos
         key = cur.string(f"key #{i}")
+        if strict and not key:
+            raise cur.error(f"key #{i}", "empty key (llama.cpp refuses it)", key_at)
         if key in metadata:
             raise cur.error(f"key {key!r}", "duplicate key", key_at)
         vtype = cur.value_type(f"key {key!r} value type")
@@ -471,10 +518,15 @@ def _parse(path: Path, view: memoryview, mapping: mmap.mmap | None, file_size: i
     # Tensor infos (offsets relative to the data section until it is known).
     entries: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int, int, int, int]] = []
     names: set[str] = set()
+    expected_offset = 0  # strict: where the next tensor's data must start (llama.cpp's ctx->size)
     for i in range(n_tensors):
         name_at = cur.pos
         name = cur.string(f"tensor #{i} name")
         field = f"tensor {name!r}"
+        if strict and len(name.encode("utf-8")) >= MAX_NAME:
+            raise cur.error(f"{field} name", f"name of {len(name.encode('utf-8'))} bytes is too "
+                            f"long: llama.cpp's limit is {MAX_NAME - 1} (GGML_MAX_NAME - 1)",
+                            name_at)
         if name in names:
             raise cur.error(f"{field} name", "duplicate tensor name", name_at)
         names.add(name)
@@ -486,13 +538,17 @@ def _parse(path: Path, view: memoryview, mapping: mmap.mmap | None, file_size: i
         cur.need(8 * n_dims, f"{field} dims")
         ne = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.pos)
         cur.pos += 8 * n_dims
-        n_elements = 1
         for d in ne:
-            if d > INT64_MAX:
+            if d > INT64_MAX:  # llama.cpp reads int64 and refuses a negative one
                 raise cur.error(f"{field} dims", f"dimension {d} does not fit in int64", dims_at)
+        # llama.cpp's test: the running product, left to right, skipping factors 0 and 1, stays
+        # within int64 (so [2**62, 2**62, 0] is refused although its product is 0)
+        n_elements = ne[0]
+        for d in ne[1:]:
+            if d > 1 and INT64_MAX // d < n_elements:
+                raise cur.error(f"{field} dims",
+                                f"product of dimensions {list(ne)} overflows int64", dims_at)
             n_elements *= d
-        if n_elements > INT64_MAX:
-            raise cur.error(f"{field} dims", f"product of dimensions {list(ne)} overflows int64", dims_at)
         type_at = cur.pos
         code = cur.unpack(_U32, f"{field} type")
         try:
@@ -512,12 +568,21 @@ def _parse(path: Path, view: memoryview, mapping: mmap.mmap | None, file_size: i
                             dims_at)
         offset_at = cur.pos
         offset = cur.unpack(_U64, f"{field} offset")
+        if strict and offset != expected_offset:
+            raise cur.error(f"{field} offset", f"data offset {offset}, expected {expected_offset}: "
+                            "llama.cpp requires each tensor's data to start where the previous "
+                            f"tensor's, padded to the alignment {alignment}, ends", offset_at)
         if offset % alignment:
             raise cur.error(f"{field} offset",
                             f"data offset {offset} is not a multiple of the alignment {alignment}", offset_at)
+        expected_offset += -(-nbytes // alignment) * alignment
         entries.append((name, tuple(reversed(ne)), qtype, offset, nbytes, n_elements, offset_at))
 
     data_offset = -(-cur.pos // alignment) * alignment
+    if n_tensors and data_offset > file_size:
+        raise cur.error("tensor data", f"the data section starts at {data_offset} (the tensor "
+                        f"table padded to the alignment {alignment}), past the end of the file "
+                        f"(size {file_size})", cur.pos)
     tensors: dict[str, TensorInfo] = {}
     for name, shape, qtype, offset, nbytes, n_elements, offset_at in entries:
         start = data_offset + offset
@@ -679,6 +744,9 @@ def _encode_array(values: Any, item_spec: Any, where: str) -> bytes:
 
 def _tensor_plan(name: str, data: TensorData, qtype: Any, shape: Any) -> tuple[GGMLQuantizationType, tuple[int, ...], int]:
     """Validate one tensor to write; returns (qtype, NumPy shape, nbytes)."""
+    if not isinstance(name, str) or len(name.encode("utf-8")) >= MAX_NAME:
+        raise ValueError(f"tensor {name!r}: a name must be a str of at most {MAX_NAME - 1} UTF-8 "
+                         "bytes (llama.cpp's GGML_MAX_NAME - 1)")
     try:
         qtype = GGMLQuantizationType(qtype)
     except (ValueError, TypeError):
@@ -750,6 +818,8 @@ def write(
             k.encode("utf-8")
         except (AttributeError, UnicodeEncodeError):
             raise ValueError(f"key {k!r}: keys must be str encodable as UTF-8") from None
+        if not k:
+            raise ValueError("an empty key: llama.cpp refuses a file with one")
     encoded = {k: _Encoded(_encode_value(v, types[k], f"key {k!r}")) for k, v in metadata.items()}
 
     alignment = DEFAULT_ALIGNMENT

@@ -4,10 +4,14 @@ error on purpose; fuzzed headers; write/read round trips."""
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
+import json
 import os
 import struct
 import tempfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf as gguf_py
@@ -92,9 +96,9 @@ def write_bytes(tmp_path: Path, data: bytes, name: str = "model.gguf") -> Path:
     return p
 
 
-def expect_error(path: Path, field: str, offset: int, message: str) -> GGUFError:
+def expect_error(path: Path, field: str, offset: int, message: str, **read_options) -> GGUFError:
     with pytest.raises(GGUFError) as info:
-        gguf.read(path)
+        gguf.read(path, **read_options)
     e = info.value
     assert e.path == path and e.offset == offset and field in e.field and message in e.message, str(e)
     assert str(e).startswith(f"{path}: ") and f"{e.field} at offset {offset}" in str(e)
@@ -254,23 +258,6 @@ def test_tiny_llama_matches_gguf_py(tmp_path):
 # Every malformed-file error, on purpose
 
 
-def test_bad_magic(tmp_path):
-    kvs, tis, data = valid_parts()
-    path = write_bytes(tmp_path, Blob(kvs, tis, data, magic=b"GGML").bytes)
-    expect_error(path, "header magic", 0, "bad magic b'GGML'")
-
-
-@pytest.mark.parametrize("version", [0, 1, 4, 0x7FFFFFFF])
-def test_unsupported_version(tmp_path, version):
-    path = write_bytes(tmp_path, Blob(*valid_parts(), version=version).bytes)
-    expect_error(path, "header version", 4, f"unsupported GGUF version {version}")
-
-
-def test_big_endian_is_named(tmp_path):
-    path = write_bytes(tmp_path, Blob(*valid_parts(), version=3 << 24).bytes)
-    expect_error(path, "header version", 4, "big-endian")
-
-
 @pytest.mark.parametrize("size", [0, 3, 10, 23])
 def test_truncated_header(tmp_path, size):
     path = write_bytes(tmp_path, Blob(*valid_parts()).bytes[:size])
@@ -300,11 +287,12 @@ def test_truncated_data(tmp_path):
 
 
 def test_tensor_data_past_end(tmp_path):
+    # strict, an offset other than 0 for the first tensor breaks llama.cpp's layout rule first
     kvs, tis, data = valid_parts()
     tis[0] = tinfo("w", [32, 2], Q.F32, 1 << 20)
     blob = Blob(kvs, tis, data)
     expect_error(write_bytes(tmp_path, blob.bytes), "tensor 'w' data", blob.ti_at[0] + 8 + 1 + 4 + 16 + 4,
-                 "runs past the end of the file")
+                 "runs past the end of the file", strict=False)
 
 
 @pytest.mark.parametrize("ne, message", [
@@ -347,34 +335,23 @@ def test_row_not_multiple_of_block(tmp_path):
                  "row length 48 is not a multiple of the Q8_0 block size 32")
 
 
-def test_duplicate_tensor_name(tmp_path):
+@pytest.mark.parametrize("n", [2**30, 2**40])  # 2**40: over llama.cpp's limit, so not strict
+def test_string_length_past_end(tmp_path, n):
     kvs, tis, data = valid_parts()
-    tis[1] = tinfo("w", [64, 2], Q.Q8_0, 256)
-    blob = Blob(kvs, tis, data)
-    expect_error(write_bytes(tmp_path, blob.bytes), "tensor 'w' name", blob.ti_at[1], "duplicate tensor name")
-
-
-def test_duplicate_key(tmp_path):
-    kvs, tis, data = valid_parts()
-    kvs.append(kv_u32("llama.block_count", 6))
-    blob = Blob(kvs, tis, data)
-    expect_error(write_bytes(tmp_path, blob.bytes), "key 'llama.block_count'", blob.kv_at[4], "duplicate key")
-
-
-def test_string_length_past_end(tmp_path):
-    kvs, tis, data = valid_parts()
-    kvs[3] = kv("general.name", V.STRING, struct.pack("<Q", 2**40) + b"tiny")
+    kvs[3] = kv("general.name", V.STRING, struct.pack("<Q", n) + b"tiny")
     blob = Blob(kvs, tis, data)
     at = blob.kv_at[3] + 8 + len("general.name") + 4
     expect_error(write_bytes(tmp_path, blob.bytes), "key 'general.name' value", at,
-                 f"string length {2**40} runs past the end of the file")
+                 f"string length {n} runs past the end of the file", strict=n <= gguf.MAX_STRING_LENGTH)
 
 
-def test_tensor_name_length_past_end(tmp_path):
+@pytest.mark.parametrize("n", [1000, 2**63])
+def test_tensor_name_length_past_end(tmp_path, n):
     kvs, tis, data = valid_parts()
-    tis[0] = struct.pack("<Q", 2**63) + tis[0][8:]
+    tis[0] = struct.pack("<Q", n) + tis[0][8:]
     blob = Blob(kvs, tis, data)
-    expect_error(write_bytes(tmp_path, blob.bytes), "tensor #0 name", blob.ti_at[0], "runs past the end")
+    expect_error(write_bytes(tmp_path, blob.bytes), "tensor #0 name", blob.ti_at[0], "runs past the end",
+                 strict=n <= gguf.MAX_STRING_LENGTH)
 
 
 @pytest.mark.parametrize("code", [13, 99, 2**32 - 1])
@@ -403,8 +380,10 @@ def test_array_count_past_end(tmp_path, item_type, count):
     kvs[2] = kv_arr("tokenizer.ggml.token_type", item_type, count, struct.pack("<3i", 1, 2, 3))
     blob = Blob(kvs, tis, data)
     at = blob.kv_at[2] + 8 + len("tokenizer.ggml.token_type") + 4 + 4
+    # over llama.cpp's 2**30 items, or arrays of arrays: refused earlier unless strict=False
+    strict = count <= gguf.MAX_ARRAY_ELEMENTS and item_type != V.ARRAY
     expect_error(write_bytes(tmp_path, blob.bytes), "key 'tokenizer.ggml.token_type' value count", at,
-                 f"array of {count} {V(item_type).name} items cannot fit")
+                 f"array of {count} {V(item_type).name} items cannot fit", strict=strict)
 
 
 def test_string_array_item_past_end(tmp_path):
@@ -414,15 +393,7 @@ def test_string_array_item_past_end(tmp_path):
     blob = Blob(kvs, tis, data)
     at = blob.kv_at[2] + 8 + len("tokenizer.ggml.tokens") + 4 + 12 + 10
     expect_error(write_bytes(tmp_path, blob.bytes), "key 'tokenizer.ggml.tokens' value item 1", at,
-                 f"string length {2**33} runs past")
-
-
-def test_misaligned_tensor_offset(tmp_path):
-    kvs, tis, data = valid_parts()
-    tis[1] = tinfo("q", [64, 2], Q.Q8_0, 264)
-    blob = Blob(kvs, tis, data)
-    expect_error(write_bytes(tmp_path, blob.bytes), "tensor 'q' offset", blob.ti_at[1] + 9 + 4 + 16 + 4,
-                 "data offset 264 is not a multiple of the alignment 32")
+                 f"string length {2**33} runs past", strict=False)  # 2**33 > llama.cpp's limit
 
 
 @pytest.mark.parametrize("value", [0, 3, 48, 2**32 - 1])
@@ -468,10 +439,15 @@ def test_invalid_utf8_and_bad_bool(tmp_path):
 
 
 def test_nested_arrays_and_depth_limit(tmp_path):
+    """Arrays of arrays: refused by llama.cpp (and by default), read as gguf-py reads them with
+    strict=False, to a bounded depth."""
     inner = struct.pack("<IQ", V.UINT8, 2) + b"\x01\x02"
     kvs, tis, data = valid_parts()
     kvs[2] = kv_arr("nested", V.ARRAY, 2, inner + struct.pack("<IQ", V.STRING, 1) + _s("x"))
-    with gguf.read(write_bytes(tmp_path, Blob(kvs, tis, data).bytes)) as gf:
+    path = write_bytes(tmp_path, Blob(kvs, tis, data).bytes)
+    with pytest.raises(GGUFError, match="an array of arrays"):
+        gguf.read(path)
+    with gguf.read(path, strict=False) as gf:
         assert gf.metadata["nested"] == [[1, 2], ["x"]]
         assert gf.types["nested"] == (V.ARRAY, [(V.ARRAY, V.UINT8), (V.ARRAY, V.STRING)])
 
@@ -480,7 +456,482 @@ def test_nested_arrays_and_depth_limit(tmp_path):
         deep = struct.pack("<IQ", V.ARRAY, 1) + deep
     kvs[2] = kv("deep", V.ARRAY, deep)
     with pytest.raises(GGUFError, match="nested deeper than"):
-        gguf.read(write_bytes(tmp_path, Blob(kvs, tis, data).bytes))
+        gguf.read(write_bytes(tmp_path, Blob(kvs, tis, data).bytes), strict=False)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp's GGUF loader, rule by rule (docs/gguf_validation.md). Each case is a file that
+# breaks one rule only, and read() must refuse it naming the file, field and offset. The same
+# files were given to llama.cpp itself (gguf_init_from_file and llama_model_loader's bounds
+# check, tests/data/gguf_rules/llama_cpp_gguf_check.cpp); its verdicts are
+# tests/data/gguf_rules/llama_cpp_verdicts.json (made by tests/data/gguf_rules/make_golden.py).
+
+_HOLE = 2**30 + 1  # zero bytes (a sparse hole) spanned by a string or array over a 2**30 limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A file (``build() -> (parts, offset of the bad field)``; a part is bytes, or an int: that
+    many zero bytes, written as a sparse hole) and the error read() must give."""
+
+    where: str  # the check in llama.cpp that refuses it ("" if llama.cpp accepts the file)
+    field: str
+    message: str
+    build: Callable[[], tuple[list, int]]
+
+
+LLAMA_CPP_RULES: dict[str, Case] = {}
+STRICTER_THAN_LLAMA_CPP: dict[str, Case] = {}  # files llama.cpp loads and quantref refuses
+
+
+def _case(table: dict, name: str, where: str, field: str, message: str):
+    def register(build):
+        table[name] = Case(where, field, message, build)
+        return build
+    return register
+
+
+def write_parts(path: Path, parts: list) -> Path:
+    with open(path, "wb") as f:
+        for part in parts:
+            if isinstance(part, int):
+                f.seek(part, os.SEEK_CUR)  # a hole: reads as zeros, takes no disk space
+            else:
+                f.write(part)
+        f.truncate()
+    return path
+
+
+def parts_digest(parts: list) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(b"hole %d;" % part if isinstance(part, int) else part)
+    return h.hexdigest()
+
+
+def _blob(kvs=None, tis=None, data=None, **kw) -> Blob:
+    vkvs, vtis, vdata = valid_parts()
+    return Blob(vkvs if kvs is None else kvs, vtis if tis is None else tis,
+                vdata if data is None else data, **kw)
+
+
+def _with_kv(entry: bytes, index: int = 4) -> tuple[Blob, int]:
+    """The valid file with ``entry`` as KV ``index``; returns it and the entry's offset."""
+    kvs, tis, data = valid_parts()
+    kvs.insert(index, entry)
+    blob = Blob(kvs, tis, data)
+    return blob, blob.kv_at[index]
+
+
+def _with_hole(head: bytes, tail: bytes = b"") -> tuple[list, int]:
+    """The valid file plus a last KV that spans a hole: ``head`` (up to the long string or
+    array's items), ``_HOLE`` zero bytes, ``tail``. Returns (parts, offset of ``head``)."""
+    kvs, tis, data = valid_parts()
+    start = b"GGUF" + struct.pack("<IQQ", 3, len(tis), len(kvs) + 1) + b"".join(kvs)
+    rest = tail + b"".join(tis)
+    rest += bytes(-(len(start) + len(head) + _HOLE + len(rest)) % 32) + data
+    return [start + head, _HOLE, rest], len(start)
+
+
+def _ti(blob: Blob, i: int, part: str, name_len: int = 1, n_dims: int = 2) -> int:
+    """Offset of a part of tensor info ``i`` in ``blob``."""
+    dims = blob.ti_at[i] + 8 + name_len + 4
+    return {"name": blob.ti_at[i], "n_dims": dims - 4, "dims": dims, "type": dims + 8 * n_dims,
+            "offset": dims + 8 * n_dims + 4}[part]
+
+
+W = tinfo("w", [32, 2], Q.F32, 0)  # valid_parts' first tensor: 256 bytes at 0
+W_DATA = np.arange(64, dtype=np.float32).tobytes()
+Q_DATA = bytes(2 * 2 * 34)  # valid_parts' second tensor: Q8_0 [2, 64], 136 bytes
+
+
+@_case(LLAMA_CPP_RULES, "file shorter than the header", "gguf.cpp: failed to read magic / header",
+       "header", "needs 24 bytes")
+def _():
+    return [_blob().bytes[:3]], 0
+
+
+@_case(LLAMA_CPP_RULES, "magic", "gguf.cpp: invalid magic characters", "header magic",
+       "bad magic b'GGML'")
+def _():
+    return [_blob(magic=b"GGML").bytes], 0
+
+
+@_case(LLAMA_CPP_RULES, "version 0", "gguf.cpp: bad GGUF version", "header version",
+       "version 0 is invalid")
+def _():
+    return [_blob(version=0).bytes], 4
+
+
+@_case(LLAMA_CPP_RULES, "version of the other byte order",
+       "gguf.cpp: (version & 0x0000FFFF) == 0 (endianness)", "header version", "big-endian")
+def _():
+    return [_blob(version=3 << 24).bytes], 4
+
+
+@_case(LLAMA_CPP_RULES, "version 1", "gguf.cpp: GGUFv1 is no longer supported", "header version",
+       "GGUFv1 is no longer supported")
+def _():
+    return [_blob(version=1).bytes], 4
+
+
+@_case(LLAMA_CPP_RULES, "version over 3", "gguf.cpp: version > GGUF_VERSION", "header version",
+       "newer than 3")
+def _():
+    return [_blob(version=4).bytes], 4
+
+
+@_case(LLAMA_CPP_RULES, "tensor count negative as int64",
+       "gguf.cpp: number of tensors must be in [0, SIZE_MAX/sizeof(gguf_tensor_info)]",
+       "header tensor_count/kv_count", "cannot fit")
+def _():
+    return [_blob(n_tensors=2**63).bytes], 8
+
+
+@_case(LLAMA_CPP_RULES, "key count negative as int64",
+       "gguf.cpp: number of key value pairs must be in [0, SIZE_MAX/sizeof(gguf_kv)]",
+       "header tensor_count/kv_count", "cannot fit")
+def _():
+    return [_blob(n_kv=2**63).bytes], 8
+
+
+@_case(LLAMA_CPP_RULES, "key over GGUF_MAX_STRING_LENGTH",
+       "gguf.cpp: gguf_reader::read(std::string): string length exceeds maximum", "key #4",
+       "string length 1073741825 exceeds llama.cpp's maximum 1073741824")
+def _():
+    # a key of 2**30 + 1 NUL bytes (valid UTF-8), then a UINT32 value
+    return _with_hole(struct.pack("<Q", _HOLE), struct.pack("<II", V.UINT32, 7))
+
+
+@_case(LLAMA_CPP_RULES, "string value over GGUF_MAX_STRING_LENGTH",
+       "gguf.cpp: gguf_reader::read(std::string): string length exceeds maximum",
+       "key 'a.long' value", "string length 1073741825 exceeds llama.cpp's maximum")
+def _():
+    parts, at = _with_hole(_s("a.long") + struct.pack("<IQ", V.STRING, _HOLE))
+    return parts, at + len(_s("a.long")) + 4
+
+
+@_case(LLAMA_CPP_RULES, "string array item over GGUF_MAX_STRING_LENGTH",
+       "gguf.cpp: gguf_reader::read(std::string): string length exceeds maximum",
+       "key 'a.strs' value item 1", "string length 1073741825 exceeds llama.cpp's maximum")
+def _():
+    head = _s("a.strs") + struct.pack("<IIQ", V.ARRAY, V.STRING, 2) + _s("ok") + struct.pack("<Q", _HOLE)
+    parts, at = _with_hole(head)
+    return parts, at + len(head) - 8
+
+
+@_case(LLAMA_CPP_RULES, "string past the end of the file",
+       "gguf.cpp: string length exceeds remaining file size", "key 'general.name' value",
+       "string length 1000000 runs past the end")
+def _():
+    kvs, tis, data = valid_parts()
+    kvs[3] = kv("general.name", V.STRING, struct.pack("<Q", 10**6) + b"tiny")
+    blob = Blob(kvs, tis, data)
+    return [blob.bytes], blob.kv_at[3] + 8 + len("general.name") + 4
+
+
+@_case(LLAMA_CPP_RULES, "empty key", "gguf.cpp: key is empty", "key #4", "empty key")
+def _():
+    blob, at = _with_kv(kv_u32("", 1))
+    return [blob.bytes], at
+
+
+@_case(LLAMA_CPP_RULES, "duplicate key", "gguf.cpp: duplicate key", "key 'llama.block_count'",
+       "duplicate key")
+def _():
+    blob, at = _with_kv(kv_u32("llama.block_count", 6))
+    return [blob.bytes], at
+
+
+@_case(LLAMA_CPP_RULES, "unknown value type", "gguf.cpp: key has invalid GGUF type",
+       "key 'a.x' value type", "unknown value type 13")
+def _():
+    blob, at = _with_kv(kv("a.x", 13, struct.pack("<I", 5)))
+    return [blob.bytes], at + 8 + 3
+
+
+@_case(LLAMA_CPP_RULES, "unknown array item type", "gguf.cpp: key has invalid GGUF type",
+       "key 'a.x' value item type", "unknown value type 13")
+def _():
+    blob, at = _with_kv(kv_arr("a.x", 13, 1, b"\0"))
+    return [blob.bytes], at + 8 + 3 + 4
+
+
+@_case(LLAMA_CPP_RULES, "array of arrays", "gguf.cpp: key has invalid GGUF type (ARRAY items)",
+       "key 'a.x' value item type", "an array of arrays")
+def _():
+    blob, at = _with_kv(kv_arr("a.x", V.ARRAY, 1, struct.pack("<IQ", V.UINT8, 1) + b"\1"))
+    return [blob.bytes], at + 8 + 3 + 4
+
+
+@_case(LLAMA_CPP_RULES, "array over GGUF_MAX_ARRAY_ELEMENTS",
+       "gguf.cpp: gguf_reader::read(std::vector): n > GGUF_MAX_ARRAY_ELEMENTS",
+       "key 'a.bytes' value count", "array of 1073741825 items exceeds llama.cpp's maximum")
+def _():
+    parts, at = _with_hole(_s("a.bytes") + struct.pack("<IIQ", V.ARRAY, V.UINT8, _HOLE))
+    return parts, at + len(_s("a.bytes")) + 4 + 4
+
+
+@_case(LLAMA_CPP_RULES, "array past the end of the file",
+       "gguf.cpp: gguf_reader::read(std::vector): nbytes_remain < n * sizeof(T)",
+       "key 'a.x' value count", "cannot fit")
+def _():
+    blob, at = _with_kv(kv_arr("a.x", V.INT32, 10**6, b"\0" * 8))
+    return [blob.bytes], at + 8 + 3 + 4 + 4
+
+
+@_case(LLAMA_CPP_RULES, "value past the end of the file", "gguf.cpp: failed to read key-value pairs",
+       "key 'general.name' value", "needs 8 bytes")
+def _():
+    blob = _blob()
+    at = blob.kv_at[3] + 8 + len("general.name") + 4
+    return [blob.bytes[: at + 5]], at
+
+
+@_case(LLAMA_CPP_RULES, "general.alignment not UINT32",
+       "gguf.cpp: key general.alignment must be of type u32", "key 'general.alignment' value",
+       "must be a UINT32")
+def _():
+    blob, at = _with_kv(kv("general.alignment", V.UINT64, struct.pack("<Q", 32)), 1)
+    return [blob.bytes], at + 8 + len("general.alignment") + 4
+
+
+@_case(LLAMA_CPP_RULES, "alignment 0", "gguf.cpp: alignment is not a power of 2",
+       "key 'general.alignment' value", "alignment 0 is not a power of two")
+def _():
+    blob, at = _with_kv(kv_u32("general.alignment", 0), 1)
+    return [blob.bytes], at + 8 + len("general.alignment") + 4
+
+
+@_case(LLAMA_CPP_RULES, "alignment not a power of 2", "gguf.cpp: alignment is not a power of 2",
+       "key 'general.alignment' value", "alignment 48 is not a power of two")
+def _():
+    blob, at = _with_kv(kv_u32("general.alignment", 48), 1)
+    return [blob.bytes], at + 8 + len("general.alignment") + 4
+
+
+@_case(LLAMA_CPP_RULES, "tensor name of GGML_MAX_NAME bytes or more",
+       "gguf.cpp: tensor name is too long", f"tensor '{'é' * 32}' name", "name of 64 bytes")
+def _():
+    # 32 two-byte characters: the limit is on bytes, not characters
+    blob = _blob(tis=[tinfo("é" * 32, [32, 2], Q.F32, 0), tinfo("q", [64, 2], Q.Q8_0, 256)])
+    return [blob.bytes], blob.ti_at[0]
+
+
+@_case(LLAMA_CPP_RULES, "duplicate tensor name", "gguf.cpp: duplicate tensor name",
+       "tensor 'w' name", "duplicate tensor name")
+def _():
+    blob = _blob(tis=[W, tinfo("w", [64, 2], Q.Q8_0, 256)])
+    return [blob.bytes], blob.ti_at[1]
+
+
+@_case(LLAMA_CPP_RULES, "n_dims over GGML_MAX_DIMS",
+       "gguf.cpp: tensor has invalid number of dimensions", "tensor 'q' n_dims",
+       "n_dims 5 is out of range")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [64, 2, 1, 1, 1], Q.Q8_0, 256)])
+    return [blob.bytes], _ti(blob, 1, "n_dims")
+
+
+@_case(LLAMA_CPP_RULES, "dimension negative as int64",
+       "gguf.cpp: dimension has invalid number of elements", "tensor 'q' dims",
+       "does not fit in int64")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [64, 2**64 - 2], Q.Q8_0, 256)])
+    return [blob.bytes], _ti(blob, 1, "dims")
+
+
+@_case(LLAMA_CPP_RULES, "element count over INT64_MAX",
+       "gguf.cpp: incorrect shape for a tensor may cause overflow errors", "tensor 'w' dims",
+       "overflows int64")
+def _():
+    # [2**62, 2**62, 0] has no elements, but llama.cpp's running product overflows at step 2
+    blob = _blob(tis=[tinfo("w", [2**62, 2**62, 0], Q.F32, 0), tinfo("q", [64, 2], Q.Q8_0, 0)],
+                 data=Q_DATA)
+    return [blob.bytes], _ti(blob, 0, "dims")
+
+
+@_case(LLAMA_CPP_RULES, "tensor type out of range", "gguf.cpp: tensor has invalid ggml type",
+       "tensor 'q' type", "unknown tensor type 43")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [64, 2], 43, 256)])
+    return [blob.bytes], _ti(blob, 1, "type")
+
+
+@_case(LLAMA_CPP_RULES, "removed tensor type (Q4_2)",
+       "gguf.cpp: not a multiple of block size (0)", "tensor 'q' type", "unknown tensor type 4")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [64, 2], 4, 256)])
+    return [blob.bytes], _ti(blob, 1, "type")
+
+
+@_case(LLAMA_CPP_RULES, "row not a multiple of the block size",
+       "gguf.cpp: elements per row not a multiple of block size", "tensor 'q' dims",
+       "row length 48 is not a multiple of the Q8_0 block size 32")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [48, 2], Q.Q8_0, 256)], data=W_DATA + bytes(2 * 34 + 24))
+    return [blob.bytes], _ti(blob, 1, "dims")
+
+
+@_case(LLAMA_CPP_RULES, "tensor info past the end of the file",
+       "gguf.cpp: failed to read tensor info", "tensor 'q' dims", "needs 16 bytes")
+def _():
+    blob = _blob()
+    return [blob.bytes[: _ti(blob, 1, "dims") + 8]], _ti(blob, 1, "dims")
+
+
+@_case(LLAMA_CPP_RULES, "data section past the end of the file",
+       "gguf.cpp: failed to seek to beginning of data section", "tensor data",
+       "past the end of the file")
+def _():
+    # one tensor of no elements; the file ends right after the (unpadded) tensor table
+    blob = _blob(tis=[tinfo("e", [0], Q.F32, 0)], data=b"")
+    end = _ti(blob, 0, "offset", n_dims=1) + 8
+    assert end % 32
+    return [blob.bytes[:end]], end
+
+
+@_case(LLAMA_CPP_RULES, "two tensors at offset 0 (overlapping)",
+       "gguf.cpp: tensor has offset X, expected Y", "tensor 'q' offset",
+       "data offset 0, expected 256")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [64, 2], Q.Q8_0, 0)])
+    return [blob.bytes], _ti(blob, 1, "offset")
+
+
+@_case(LLAMA_CPP_RULES, "a gap between tensors", "gguf.cpp: tensor has offset X, expected Y",
+       "tensor 'q' offset", "data offset 288, expected 256")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [64, 2], Q.Q8_0, 288)], data=W_DATA + bytes(32) + Q_DATA)
+    return [blob.bytes], _ti(blob, 1, "offset")
+
+
+@_case(LLAMA_CPP_RULES, "tensors out of table order", "gguf.cpp: tensor has offset X, expected Y",
+       "tensor 'q' offset", "data offset 256, expected 0")
+def _():
+    blob = _blob(tis=[tinfo("q", [64, 2], Q.Q8_0, 256), W], data=W_DATA + Q_DATA)
+    return [blob.bytes], _ti(blob, 0, "offset")
+
+
+@_case(LLAMA_CPP_RULES, "offset not a multiple of the alignment",
+       "gguf.cpp: tensor has offset X, expected Y", "tensor 'q' offset",
+       "data offset 264, expected 256")
+def _():
+    blob = _blob(tis=[W, tinfo("q", [64, 2], Q.Q8_0, 264)], data=W_DATA + bytes(8) + Q_DATA)
+    return [blob.bytes], _ti(blob, 1, "offset")
+
+
+@_case(LLAMA_CPP_RULES, "tensor data past the end of the file",
+       "llama-model-loader.h: tensor data is not within the file bounds", "tensor 'q' data",
+       "runs past the end of the file")
+def _():
+    blob = _blob()
+    return [blob.bytes[:-1]], _ti(blob, 1, "offset")
+
+
+@_case(STRICTER_THAN_LLAMA_CPP, "string not UTF-8", "", "key 'a.name' value",
+       "not valid UTF-8")
+def _():
+    blob, at = _with_kv(kv("a.name", V.STRING, _s(b"ti\xffny")))
+    return [blob.bytes], at + 8 + len("a.name") + 4 + 8 + 2
+
+
+@_case(STRICTER_THAN_LLAMA_CPP, "bool other than 0 or 1", "", "key 'a.flag' value",
+       "bool value 2 is not 0 or 1")
+def _():
+    blob, at = _with_kv(kv("a.flag", V.BOOL, b"\x02"))
+    return [blob.bytes], at + 8 + len("a.flag") + 4
+
+
+@_case(STRICTER_THAN_LLAMA_CPP, "tensor of 0 dimensions", "", "tensor 'w' n_dims",
+       "n_dims 0 is out of range 1..4")
+def _():
+    # llama.cpp reads a 0-dimension tensor as one element [1, 1, 1, 1]
+    scalar = _s("w") + struct.pack("<IIQ", 0, Q.F32, 0)
+    blob = _blob(tis=[scalar, tinfo("q", [64, 2], Q.Q8_0, 32)],
+                 data=struct.pack("<f", 1.5) + bytes(28) + Q_DATA)
+    return [blob.bytes], blob.ti_at[0] + 8 + 1
+
+
+def _golden_verdicts() -> dict:
+    path = Path(__file__).parent / "data" / "gguf_rules" / "llama_cpp_verdicts.json"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CPP_RULES))
+def test_llama_cpp_rule(tmp_path, name):
+    case = LLAMA_CPP_RULES[name]
+    parts, at = case.build()
+    expect_error(write_parts(tmp_path / "rule.gguf", parts), case.field, at, case.message)
+
+
+@pytest.mark.parametrize("name", list(STRICTER_THAN_LLAMA_CPP))
+def test_stricter_than_llama_cpp(tmp_path, name):
+    case = STRICTER_THAN_LLAMA_CPP[name]
+    parts, at = case.build()
+    path = write_parts(tmp_path / "rule.gguf", parts)
+    expect_error(path, case.field, at, case.message)
+    expect_error(path, case.field, at, case.message, strict=False)  # gguf-py's rules, too
+
+
+def test_the_cases_get_llama_cpps_verdicts():
+    """Every case file is the one llama.cpp judged (same bytes), llama.cpp refuses each rule's
+    file and loads each stricter-than-llama.cpp file and the valid file."""
+    golden = _golden_verdicts()
+    cases = {**LLAMA_CPP_RULES, **STRICTER_THAN_LLAMA_CPP, **GOLDEN_VALID}
+    assert set(golden) == set(cases)
+    for name, case in cases.items():
+        parts, _ = case.build()
+        assert golden[name]["sha256"] == parts_digest(parts), name
+        want = "refused" if name in LLAMA_CPP_RULES else "accepted"
+        assert golden[name]["verdict"] == want, (name, golden[name])
+
+
+GOLDEN_VALID = {
+    "valid": Case("", "", "", lambda: ([_blob().bytes], 0)),
+    "tensor name of 63 bytes": Case("", "", "", lambda: ([_blob(tis=[
+        tinfo("n" * 63, [32, 2], Q.F32, 0), tinfo("q", [64, 2], Q.Q8_0, 256)]).bytes], 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_VALID))
+def test_files_llama_cpp_loads_are_read(tmp_path, name):
+    parts, _ = GOLDEN_VALID[name].build()
+    with gguf.read(write_parts(tmp_path / "ok.gguf", parts)) as gf:
+        assert len(gf.tensors) == 2
+
+
+# the rules llama.cpp adds to gguf-py's: with strict=False these files are read
+_LLAMA_CPP_ONLY = ["empty key", "array of arrays", "tensor name of GGML_MAX_NAME bytes or more",
+                   "two tensors at offset 0 (overlapping)", "a gap between tensors",
+                   "tensors out of table order"]
+
+
+@pytest.mark.parametrize("name", _LLAMA_CPP_ONLY)
+def test_not_strict_reads_what_gguf_py_reads(tmp_path, name):
+    parts, _ = LLAMA_CPP_RULES[name].build()
+    path = write_parts(tmp_path / "rule.gguf", parts)
+    with gguf.read(path, strict=False) as gf:
+        r = gguf_py.GGUFReader(path)
+        assert [t.name for t in r.tensors] == list(gf.tensors)
+        for t in r.tensors:
+            assert gf.raw(t.name).tobytes() == t.data.tobytes()
+
+
+def test_issue_overlap_case_is_refused_and_was_readable(tmp_path):
+    """Issue 10's example: two tensors whose data overlap, both at offset 0."""
+    parts, at = LLAMA_CPP_RULES["two tensors at offset 0 (overlapping)"].build()
+    path = write_parts(tmp_path / "overlap.gguf", parts)
+    expect_error(path, "tensor 'q' offset", at, "data offset 0, expected 256")
+    with gguf.read(path, strict=False) as gf:
+        assert gf.tensors["q"].offset == gf.tensors["w"].offset  # what strict=False allows
+
+
+@pytest.mark.model
+def test_real_models_pass_every_rule(default_model_path, gemma_model_path):
+    for p in (default_model_path, gemma_model_path):
+        with gguf.read(p) as gf:
+            assert gf.tensors
 
 
 def test_error_is_a_value_error_and_pickles(tmp_path):
@@ -593,7 +1044,8 @@ def _with_count(base: bytes, reader, key: str, count: int) -> tuple[bytes, int]:
 def test_huge_array_counts_refused(default_prefix, default_reader, key, count, tmp_path):
     # The counts of the real file's big arrays replaced by values the file cannot back.
     data, count_at = _with_count(default_prefix[0], default_reader, key, count)
-    with pytest.raises(GGUFError, match="cannot fit") as info:
+    # over 2**30, llama.cpp's item limit refuses it first; else the bytes that remain do
+    with pytest.raises(GGUFError, match="cannot fit|exceeds llama.cpp's maximum") as info:
         gguf.read(write_bytes(tmp_path, data))
     assert info.value.offset == count_at and key in info.value.field
 
@@ -608,7 +1060,7 @@ def test_huge_token_count_allocates_little(default_prefix, default_reader, count
     path = write_bytes(tmp_path, data)
     tracemalloc.start()
     try:
-        with pytest.raises(GGUFError, match="cannot fit"):
+        with pytest.raises(GGUFError, match="cannot fit|exceeds llama.cpp's maximum"):
             gguf.read(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -660,7 +1112,9 @@ def test_round_trip_every_value_type(tmp_path):
         "empty": (np.zeros(0, np.uint8), Q.F32, (0, 8)),
     }
     path = gguf.write(tmp_path / "all.gguf", md, types, tensors)
-    with gguf.read(path) as gf:
+    with pytest.raises(GGUFError, match="an array of arrays"):  # llama.cpp refuses a.nested
+        gguf.read(path)
+    with gguf.read(path, strict=False) as gf:
         assert gf.metadata == md and gf.types == types and list(gf.metadata) == list(md)
         assert gf.version == 3
         assert {n: (t.qtype, t.shape) for n, t in gf.tensors.items()} == {

@@ -137,7 +137,8 @@ def _penalties_as_llama_cpp(logits, args, history):
     for t, c in counts.items():
         x = out[t]
         x = x * f32(args.repeat_penalty) if x <= 0 else x / f32(args.repeat_penalty)
-        out[t] = x - (f32(c) * f32(args.frequency_penalty) + f32(c > 0) * f32(args.presence_penalty))
+        out[t] = x - (f32(c) * f32(args.frequency_penalty)
+                      + f32(c > 0) * f32(args.presence_penalty))
     return out
 
 
