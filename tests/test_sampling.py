@@ -5,6 +5,8 @@ seed giving the same tokens on the NumPy and MLX backends."""
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +56,35 @@ def test_the_random_stream_is_llama_cpps(seed):
     rng = SamplerRNG(seed)
     assert [rng.uniform() for _ in range(5)] == LIBSTDCXX_DRAWS[seed]  # bit for bit
     assert SamplerRNG(seed + 2 ** 32).uniform() == LIBSTDCXX_DRAWS[seed][0]  # uint32_t(seed)
+
+
+def _chain_cases():
+    data = Path(__file__).parent / "data" / "sampling"
+    meta = json.loads((data / "llama_cpp_chain.json").read_text())
+    with np.load(data / "llama_cpp_chain.npz") as z:
+        return [(m, z[f"logits_{i}"]) for i, m in enumerate(meta)]
+
+
+CHAIN_CASES = _chain_cases()
+_ARG_NAMES = ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
+              "frequency_penalty", "presence_penalty")
+
+
+@pytest.mark.parametrize("i", range(len(CHAIN_CASES)))
+def test_tokens_are_llama_cpps(i):
+    """llama.cpp's own chain (src/llama-sampler.cpp, tests/data/sampling/make_golden.py) on the
+    same logits, settings, history and seed drew these tokens; so do both backends, bit for bit
+    (the logits have no ties, where llama.cpp's order is its sort's)."""
+    case, logits = CHAIN_CASES[i]
+    args = SamplerArgs(**{k: case[k] for k in _ARG_NAMES})
+    rng, history = SamplerRNG(case["seed"]), list(case["history"])
+    got = []
+    for _ in range(case["steps"]):
+        got.append(sample(logits, args, rng, history))
+        history.append(got[-1])
+    assert got == case["llama_cpp_tokens"]
+    device = mg.make_sampler(args, SamplerRNG(case["seed"]), case["history"])
+    assert [device(mx.array(logits)[None]).item() for _ in range(case["steps"])] == got
 
 
 def test_top_k_keeps_exactly_k_the_issue_case():
