@@ -38,10 +38,12 @@ class SamplerArgs:
     2. top-k, 3. top-p, 4. min-p (all three on the penalized logits at temperature 1),
     5. temperature, 6. a draw (``temp=0``: greedy, the penalized logits' argmax).
 
-    mlx-lm's ``make_sampler`` has the same order (top-k, top-p, min-p on the log-probabilities,
-    then the temperature inside ``categorical_sampling``) and its repetition penalty is a logits
-    processor applied before them. Defaults are "off" for every stage except ``repeat_last_n``,
-    llama.cpp's default window (it matters only once ``repeat_penalty`` etc. are set).
+    mlx-lm (``mlx_lm/sample_utils.py``) also penalizes first (logits processors) and filters
+    before the temperature, but filters top-p, min-p, then top-k, each on the whole
+    vocabulary's log-probabilities: where the two differ (top-k with top-p: llama.cpp
+    renormalizes the k survivors, so its top-p keeps fewer), quantref is llama.cpp's
+    (``docs/sampling.md``). Defaults are "off" for every stage except ``repeat_last_n``,
+    llama.cpp's default window (it matters only once a penalty is set).
     """
 
     temp: float = 0.0  # 0: greedy

@@ -1220,6 +1220,18 @@ def test_write_refuses_bad_tensors(tmp_path, tensor, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_write_refuses_what_llama_cpp_refuses(tmp_path):
+    with pytest.raises(ValueError, match="empty key"):
+        gguf.write(tmp_path / "k.gguf", {"": 1}, {"": V.UINT32}, {})
+    x = np.zeros((1, 32), np.float32)
+    with pytest.raises(ValueError, match="at most 63 UTF-8 bytes"):
+        gguf.write(tmp_path / "n.gguf", {}, {}, {"é" * 32: (x, Q.F32, (1, 32))})
+    path = gguf.write(tmp_path / "ok.gguf", {}, {}, {"é" * 31 + "n": (x, Q.F32, (1, 32))})
+    with gguf.read(path) as gf:  # 63 bytes: llama.cpp's longest name
+        assert list(gf.tensors) == ["é" * 31 + "n"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.gguf"]
+
+
 @pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 def test_failed_write_leaves_existing_file(tmp_path, failure):
     out = tmp_path / "out.gguf"
