@@ -176,17 +176,22 @@ def apply_penalties(logits: np.ndarray, args: SamplerArgs, history: Sequence[int
     return out
 
 
-def descending(z: np.ndarray) -> np.ndarray:
-    """Indices of ``z`` from the largest value to the smallest, equal values in index order.
+def descending(z: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Indices of ``z`` from the largest value to the smallest, equal values in index order
+    (``k``: only the first k, found by a partition and then sorted).
 
     llama.cpp sorts candidates with ``std::partial_sort`` (k <= 128) or a bucket pass and
     ``std::sort`` (k > 128), neither of which is stable: the C++ standard leaves the order of
     equal logits unspecified, and libstdc++'s heap select keeps, for example, tokens {1, 4, 5, 7}
     of [1, 1, 1, 1, 2, 2, 0, 2] at k = 4. quantref fixes one rule, lower token id first, which
     agrees with llama.cpp whenever no tie crosses the cut, and always at k = 1 (the first
-    maximum, as greedy). Shape ``[n] int64``.
+    maximum, as greedy). Shape ``[n or k] int64``.
     """
-    return np.argsort(-z, kind="stable")
+    if k is None or k >= z.size:
+        return np.argsort(-z, kind="stable")
+    # the k largest and every value tied with the k-th, in index order, then sorted
+    near = np.flatnonzero(z >= np.partition(z, z.size - k)[z.size - k])
+    return near[np.argsort(-z[near], kind="stable")[:k]]
 
 
 def candidates(logits: np.ndarray, args: SamplerArgs) -> tuple[np.ndarray, np.ndarray]:
@@ -204,17 +209,17 @@ def candidates(logits: np.ndarray, args: SamplerArgs) -> tuple[np.ndarray, np.nd
     ids = np.arange(logits.size)
     z = logits.astype(f32, copy=False)
     if args.top_k:
-        k = min(args.top_k, z.size)
-        # the k largest and every value tied with the k-th, in id order, then sorted
-        near = np.flatnonzero(z >= np.partition(z, z.size - k)[z.size - k])
-        keep = near[descending(z[near])[:k]]
+        keep = descending(z, args.top_k)
         ids, z = ids[keep], z[keep]
     if args.top_p < 1.0:
         # the softmax in the candidates' current order (its float32 sum depends on it)
         p = np.exp(z - z.max())
         p /= np.cumsum(p)[-1]  # a float32 running sum, as llama_sampler_softmax_impl's loop
         if not args.top_k:
-            order = descending(z)
+            # as llama.cpp, sort the top 256 first: a top-p set is rarely longer (same result)
+            order = descending(z, 256)
+            if np.cumsum(p[order])[-1] < f32(args.top_p):
+                order = descending(z)
             ids, z, p = ids[order], z[order], p[order]
         reached = np.flatnonzero(np.cumsum(p) >= f32(args.top_p))
         n = reached[0] + 1 if reached.size else z.size

@@ -51,38 +51,48 @@ def apply_penalties(z: mx.array, args: SamplerArgs, window: mx.array | None) -> 
     return mx.where(counts > 0, pen, z)
 
 
-def descending(z: mx.array) -> mx.array:
-    """:func:`quantref.generate.descending`: indices of ``z float32 [n]`` from the largest value
-    to the smallest, equal values in index order, whether or not the backend's sort is stable:
-    the sort key is the value's order-preserving integer image times 2**24 plus the reversed
-    index (vocabularies up to 2**24 tokens), unique per entry. ``[n] uint32``."""
+def _sort_key(z: mx.array) -> mx.array:
+    """A unique int64 per entry of ``z float32 [n]`` that orders like (value, -index): the
+    value's order-preserving integer image times 2**24 plus the reversed index (vocabularies
+    up to 2**24 tokens)."""
     n = z.shape[-1]
     bits = mx.view(z + 0.0, mx.int32)  # + 0.0 makes -0.0 equal to 0.0, as C++ compares them
     ordered = mx.where(bits < 0, bits ^ 0x7FFFFFFF, bits).astype(mx.int64)
-    key = ordered * (1 << 24) + ((1 << 24) - 1 - mx.arange(n, dtype=mx.int64))
-    return mx.argsort(-key)
+    return ordered * (1 << 24) + ((1 << 24) - 1 - mx.arange(n, dtype=mx.int64))
+
+
+def descending(z: mx.array, k: int | None = None) -> mx.array:
+    """:func:`quantref.generate.descending`: indices of ``z float32 [n]`` from the largest value
+    to the smallest, equal values in index order, whether or not the backend's sort is stable
+    (the sort key is unique per entry); ``k``: only the first k of them, found by a partition
+    and then sorted (k log k instead of n log n). ``[n or k] uint32``."""
+    key = -_sort_key(z)
+    if k is None or k >= key.size:
+        return mx.argsort(key)
+    part = mx.argpartition(key, kth=k - 1)[:k]
+    return part[mx.argsort(key[part])]
 
 
 def candidates(z: mx.array, args: SamplerArgs) -> tuple[mx.array, mx.array, mx.array]:
     """:func:`quantref.generate.candidates` with fixed shapes: ``z float32 [vocab]`` (penalized)
-    -> ``(ids [vocab], logits float32 [vocab], kept bool [vocab])`` in llama.cpp's candidate
-    order (sorted once top-k or top-p runs, else token order); a token dropped by top-k, top-p
-    or min-p stays in place with ``kept`` false."""
-    vocab = z.shape[-1]
-    pos = mx.arange(vocab)
+    -> ``(ids [n], logits float32 [n], kept bool [n])`` in llama.cpp's candidate order (sorted
+    once top-k or top-p runs, else token order); ``n`` is ``min(top_k, vocab)`` with top-k,
+    else ``vocab``; a token dropped by top-p or min-p stays in place with ``kept`` false."""
     if args.top_k or args.top_p < 1.0:
-        ids = descending(z)
+        ids = descending(z, min(args.top_k, z.shape[-1]) if args.top_k else None)
         z = z[ids]
     else:
-        ids = pos
-    kept = pos < min(args.top_k, vocab) if args.top_k else mx.ones((vocab,), mx.bool_)
+        ids = mx.arange(z.shape[-1])
+    n = z.shape[-1]
+    pos = mx.arange(n)
+    kept = mx.ones((n,), mx.bool_)
     if args.top_p < 1.0:
-        p = mx.where(kept, mx.exp(z - z[0]), 0.0)
+        p = mx.exp(z - z[0])
         run = mx.cumsum(p / mx.sum(p))
-        reached = kept & (run >= mx.array(args.top_p, mx.float32))
+        reached = run >= mx.array(args.top_p, mx.float32)
         # the first position whose running sum reaches top_p, or all (rounding short of it)
-        last = mx.where(mx.any(reached), mx.argmax(reached), vocab)
-        kept = kept & (pos <= last)
+        last = mx.where(mx.any(reached), mx.argmax(reached), n)
+        kept = pos <= last
     if args.min_p > 0:
         top = mx.max(mx.where(kept, z, -mx.inf))
         kept = kept & (z >= top + float(np.log(np.float32(args.min_p))))
