@@ -13,7 +13,7 @@ from .cache import KV_TYPES, KVCache, make_cache
 from .gguf import GGUFError
 from .model import Model, ModelArgs, UnsupportedModelError, load
 from .generate import GenerationResponse, generate, stream_generate
-from .perplexity import PerplexityResult, kl_divergence, perplexity
+from .perplexity import PerplexityResult, default_text, kl_divergence, perplexity
 
 __all__ = [
     "GenerationResponse",
@@ -26,6 +26,7 @@ __all__ = [
     "ModelArgs",
     "PerplexityResult",
     "UnsupportedModelError",
+    "default_text",
     "kl_divergence",
     "load",
     "make_cache",

@@ -430,34 +430,56 @@ def bits_vs_quality(model: "Model", text: str | None = None, *,
                     configs: Iterable[str | Mapping[str, Any]] = DEFAULT_CONFIGS,
                     ctx: int | None = None, batch: int = 256,
                     reference: "PerplexityResult | None" = None,
+                    perturb: int = 1,
                     progress: bool | None = False) -> list[dict[str, Any]]:
     """Perplexity, KL and top-1 agreement of each cache configuration against float32.
 
     Runs :func:`quantref.perplexity` once with an fp32 cache (``keep_logprobs``; or uses
     ``reference``, such a run on the same tokens) and once per configuration against it.
-    Returns one row per run, the fp32 reference first: ``kv`` (label), ``k_bits``, ``v_bits``,
-    ``bits`` (their mean: stored bits per cached element), ``bytes_per_token``, ``ppl``,
-    ``ppl_ratio`` (to fp32), ``mean_kl`` (nats per token), ``top1_agree``, ``seconds``.
+    Returns one row per configuration, the fp32 reference first: ``kv`` (label), ``k_bits``,
+    ``v_bits``, ``bits`` (their mean: stored bits per cached element), ``bytes_per_token``,
+    ``ppl``, ``ppl_ratio`` (to fp32), ``mean_kl`` (nats per token), ``top1_agree``,
+    ``seconds``: the exact (unperturbed) run's.
+
+    ``perturb=N`` (N >= 1) runs every configuration, fp32 too, N times, the k-th with the token
+    embeddings scaled by ``perplexity``'s ``perturb=k`` (1 +- ceil(k/2) ulps; ``quantref ppl
+    --perturb``'s runs), and adds the spread of those runs: ``ppl_min``, ``ppl_max`` and
+    ``kl_min``, ``kl_max`` (the mean KL of each run from the exact fp32 run's distribution).
+    A compressed cache is chaotic under such 1-ulp changes (codebook indices near a decision
+    boundary flip), so the spread is the resolution a single run's figure has.
+    Raises ``ValueError`` for ``perturb < 1`` or a ``reference`` without log-probabilities.
     """
     from .perplexity import perplexity
 
+    if perturb < 1:
+        raise ValueError(f"perturb must be >= 1, got {perturb}")
     args = dict(text=text, ids=ids, ctx=ctx, batch=batch, progress=progress)
     if reference is None:
         reference = perplexity(model, kv="fp32", keep_logprobs=True, **args)
     elif reference.logprobs is None:
         raise ValueError("the reference run must be made with keep_logprobs=True")
 
-    def row(r: "PerplexityResult", mean_kl: float, top1: float) -> dict[str, Any]:
+    def row(runs: "list[PerplexityResult]", mean_kl: list[float],
+            top1: float) -> dict[str, Any]:
+        r = runs[0]
+        ppls = [x.ppl for x in runs]
         return {"kv": r.kv, "k_bits": r.kv_bits[0], "v_bits": r.kv_bits[1],
                 "bits": (r.kv_bits[0] + r.kv_bits[1]) / 2, "bytes_per_token":
                 r.kv_bytes_per_token, "ppl": r.ppl, "ppl_ratio": r.ppl / reference.ppl,
-                "mean_kl": mean_kl, "top1_agree": top1, "seconds": r.seconds}
+                "mean_kl": mean_kl[0], "top1_agree": top1, "seconds": r.seconds,
+                "ppl_min": min(ppls), "ppl_max": max(ppls),
+                "kl_min": min(mean_kl), "kl_max": max(mean_kl)}
 
-    rows = [row(reference, 0.0, 1.0)]
+    def perturbed(c: dict[str, Any]) -> "list[PerplexityResult]":
+        return [perplexity(model, reference=reference, perturb=k, **c, **args)
+                for k in range(1, perturb)]
+
+    fp32_runs = perturbed({"kv": "fp32"})
+    rows = [row([reference, *fp32_runs], [0.0] + [r.mean_kl for r in fp32_runs], 1.0)]
     for config in configs:
         c = cache_config(config)
-        r = perplexity(model, reference=reference, **c, **args)
-        rows.append(row(r, r.mean_kl, r.top1_agree))
+        runs = [perplexity(model, reference=reference, **c, **args), *perturbed(c)]
+        rows.append(row(runs, [r.mean_kl for r in runs], runs[0].top1_agree))
     return rows
 
 

@@ -13,7 +13,6 @@ import io
 import json
 import sys
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,8 +20,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["main"]
 
-DEFAULT_TEXT = "default_text.txt"
-ALL_KV = ("fp32", "fp16", "q8_0", "q4_0", "mlx_q8", "mlx_q4",
+ALL_KV = ("fp32", "fp16", "q8_0", "q4_0", "q8_0_norot", "q4_0_norot", "mlx_q8", "mlx_q4",
           "turbo_kv_5b", "turbo_kv_4b", "turbo_kv_3b")
 
 
@@ -86,7 +84,9 @@ def _engine(args: argparse.Namespace):
 def _load_text(path: str | None) -> tuple[str, str]:
     """(text, a short description of where it came from)."""
     if path is None:
-        text = resources.files("quantref").joinpath("data", DEFAULT_TEXT).read_text("utf-8")
+        from .perplexity import default_text
+
+        text = default_text()
         return text, f"quantref default text ({len(text.split())} words)"
     p = Path(path).expanduser()
     try:
@@ -204,13 +204,15 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     backend, engine, model = _engine(args)
     perplexity = engine.perplexity
     ids = model.tokenizer.encode(text, add_special=False)
-    per_pass = sum(len(w) for w in make_windows(model, None, ids, args.ctx, args.batch))
+    per_pass = sum(len(w) for w, _ in make_windows(model, None, ids, args.ctx, args.batch,
+                                                   args.scoring))
 
     multi = len(kinds) > 1
     if multi and kinds[0] != "fp32":
         kinds = ["fp32"] + [k for k in kinds if k != "fp32"]  # the reference runs first
     meta = {"model": model.path.name, "text": text_desc, "tokens": per_pass, "batch": args.batch,
-            "ctx": args.ctx, "perturb": args.perturb, "backend": backend}
+            "ctx": args.ctx, "scoring": args.scoring, "perturb": args.perturb,
+            "backend": backend}
     out = RowPrinter(args, meta, [_label(k, opts, model) for k in kinds], multi)
     n_passes = len(kinds) * args.perturb
     # One bar over every pass (a pass: one run over the text), by tokens, with the ETA.
@@ -227,7 +229,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
                                     + (f" run {k + 1}/{args.perturb}" if args.perturb > 1
                                        else ""))
                 runs.append(perplexity(
-                    model, ids=ids, ctx=args.ctx, batch=args.batch, kv=kind,
+                    model, ids=ids, ctx=args.ctx, batch=args.batch, kv=kind, scoring=args.scoring,
                     keep_logprobs=multi and kind == "fp32" and k == 0,
                     reference=reference if k == 0 else None, perturb=k, progress=bar,
                     **kind_opts))
@@ -482,7 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppl", parents=[engine, kv_opts], help="perplexity of a text; rows "
                        "print as they finish, Ctrl-C prints those finished and exits 130")
     p.add_argument("--text", "-f", help="UTF-8 text file (default: quantref's own English text)")
-    p.add_argument("--ctx", type=int, help="window length in tokens (default: the whole text)")
+    p.add_argument("--ctx", type=int, help="window length in tokens (default: the whole text; "
+                   "with --scoring llama.cpp: 512)")
+    p.add_argument("--scoring", choices=("all", "llama.cpp"), default="all",
+                   help="all (default): score every token after each window's first, a short "
+                   "trailing remainder in a window of the text's last --ctx tokens; llama.cpp: "
+                   "as llama-perplexity, full chunks of --ctx only, the remainder dropped, BOS "
+                   "over each chunk's first token when the model adds BOS, only the predictions "
+                   "from positions ctx/2 .. ctx-2 scored")
     p.add_argument("--batch", type=int, default=256, help="tokens per forward pass (default 256)")
     p.add_argument("--kv", default="fp32", help="KV cache type, a comma list, or 'all' "
                    f"({', '.join(ALL_KV)}); several print a comparison table (default fp32)")

@@ -1,9 +1,23 @@
 """Perplexity, per-token log-probabilities, and the KL divergence between two runs.
 
-One causal pass over the text's tokens (in windows of ``ctx`` tokens when given, each with a
-fresh cache), fed to the model in batches of ``batch`` tokens; every token after the first of a
-window is scored, as llama.cpp's ``perplexity`` scores a single chunk. BOS is put in front of each
-window when the model's metadata asks for it (``tokenizer.ggml.add_bos_token``).
+One causal pass over the text's tokens in windows of ``ctx`` tokens, each with a fresh cache,
+fed to the model in batches of ``batch`` tokens. Which predictions are scored (``scoring=``):
+
+- ``"all"`` (the default): the text is cut into windows of ``ctx`` tokens (default: one window
+  over the whole text), BOS in front of each when the model's metadata asks for it
+  (``tokenizer.ggml.add_bos_token``), and every token of a window after its first is scored
+  (with BOS: every token). A trailing remainder shorter than a window is not scored from a
+  window of its own, where its first tokens would have almost no context: its window is the
+  text's last ``ctx`` tokens (overlapping the previous window), and only the remainder's tokens,
+  all of them, are scored there. So no token is scored twice, and none with less context than
+  the start of a full window gives it. This is how quant.cpp's ``--ppl`` and most
+  "perplexity of a text" figures score, and what every table of this project uses.
+- ``"llama.cpp"``: as llama.cpp's ``llama-perplexity`` scores (``tools/perplexity``,
+  ``perplexity()``): the tokens (BOS first when the model adds it) are cut into ``len // ctx``
+  full chunks of ``ctx`` (default 512, its ``-c``); the remainder is dropped; BOS is written
+  over each chunk's first token when the model adds BOS; only the predictions made at positions
+  ``ctx/2 .. ctx-2`` of each chunk are scored (``ctx - 1 - ctx/2`` tokens a chunk), and, as
+  llama-perplexity refuses to run otherwise, the text needs at least ``2 * ctx`` tokens.
 
 A run keeps, per scored token, its negative log-likelihood and the model's top-1 prediction;
 with ``keep_logprobs=True`` also the whole log-probability row (``[n_scored, vocab]`` float32:
@@ -25,8 +39,8 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["PerplexityResult", "kl_divergence", "log_softmax", "logsumexp", "perplexity",
-           "perturbation_scale", "progress_bar"]
+__all__ = ["SCORINGS", "PerplexityResult", "default_text", "kl_divergence", "log_softmax",
+           "logsumexp", "make_windows", "perplexity", "perturbation_scale", "progress_bar"]
 
 
 @dataclass
@@ -46,6 +60,7 @@ class PerplexityResult:
     kl: np.ndarray | None = None  # float64 [n_scored]: KL(reference || this run) when reference
     top1_agree: float | None = None  # fraction of scored tokens whose top-1 matches reference
     embed_scale: float = 1.0  # the perturbation this run was made under (1.0 = none)
+    scoring: str = "all"  # which predictions were scored: see the module docstring
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +80,7 @@ class PerplexityResult:
         out = {
             "tokens": self.tokens,
             "n_scored": self.n_scored,
+            "scoring": self.scoring,
             "ppl": self.ppl,
             "mean_nll": self.mean_nll,
             "kv": self.kv,
@@ -107,6 +123,15 @@ def kl_divergence(p_logprobs: np.ndarray, q_logprobs: np.ndarray) -> np.ndarray:
     return np.einsum("nv,nv->n", np.exp(p), p - q)
 
 
+def default_text() -> str:
+    """quantref's own English text, what ``quantref ppl`` scores when given no ``--text``:
+    3,648 words of original prose in five registers, shipped in the package
+    (``quantref/data/default_text.txt``; its README says what it is)."""
+    from importlib import resources
+
+    return resources.files("quantref").joinpath("data", "default_text.txt").read_text("utf-8")
+
+
 def perturbation_scale(k: int) -> np.float32:
     """The embedding scale of perturbation ``k``: 1.0, then 1 +- 1 ulp, 1 +- 2 ulps, ...
 
@@ -137,19 +162,25 @@ def perplexity(
     reference: PerplexityResult | None = None,
     perturb: int = 0,
     progress: bool | None = None,
+    scoring: str = "all",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` (or on token ``ids``) with a ``kv`` cache.
 
-    ``ctx``: window length in tokens (BOS included); default one window over the whole text, or
-    windows of the model's context length when the text is longer. ``batch``: tokens per forward
+    ``ctx``: window length in tokens (BOS included); for ``scoring="all"`` default one window
+    over the whole text, or windows of the model's context length when the text is longer; for
+    ``scoring="llama.cpp"`` default 512. ``scoring``: ``"all"`` or ``"llama.cpp"``, which
+    predictions are scored (see the module docstring). ``batch``: tokens per forward
     pass (a prefill chunk). ``perturb=k`` scales the token embeddings by
     :func:`perturbation_scale` ``(k)`` (a 1-ulp-scale change, to measure how chaotic a result
     is). ``reference``: a run with ``keep_logprobs=True`` to measure KL and top-1 agreement
     against. ``progress``: a tqdm bar of this run's tokens (default: on a terminal), or a bar
     to advance by them (the CLI's one bar over several runs).
+
+    Raises ValueError for bad arguments: both or neither of ``text`` / ``ids``, an unknown
+    ``scoring``, a ``ctx`` too small or beyond the model's context length, too few tokens.
     """
-    windows = make_windows(model, text, ids, ctx, batch)
-    n_scored = sum(len(w) - 1 for w in windows)
+    windows = make_windows(model, text, ids, ctx, batch, scoring)
+    n_scored = sum(len(w) - 1 - first for w, first in windows)
     check_reference(reference, n_scored)
     vocab = model.args.vocab_size
     nll = np.empty(n_scored, dtype=np.float64)
@@ -159,17 +190,22 @@ def perplexity(
 
     scale = perturbation_scale(perturb)
     cache = None
-    total = sum(len(w) for w in windows)
+    total = sum(len(w) for w, _ in windows)
     bar = progress_bar(progress, total, f"ppl {kv}")
     start = time.perf_counter()
     row = 0
     try:
-        for window in windows:
+        for window, first in windows:
             cache = model.make_cache(kv, **_turbo_options(kv, v, k_window, score_path))
             for b0 in range(0, len(window), batch):
                 chunk = window[b0:b0 + batch]
-                targets = window[b0 + 1:b0 + 1 + len(chunk)]  # the last position has none
-                logits = model.forward(chunk, cache, embed_scale=scale)[: len(targets)]
+                logits = model.forward(chunk, cache, embed_scale=scale)
+                # scored: the predictions made at positions first .. len - 2 (of the next token)
+                lo, hi = max(b0, first), min(b0 + len(chunk), len(window) - 1)
+                bar.update(len(chunk))
+                if hi <= lo:
+                    continue
+                logits, targets = logits[lo - b0:hi - b0], window[lo + 1:hi + 1]
                 lse = logsumexp(logits)
                 n = len(targets)
                 sl = slice(row, row + n)
@@ -182,7 +218,6 @@ def perplexity(
                     if reference is not None:
                         kl[sl] = kl_divergence(reference.logprobs[sl], lp)
                 row += n
-                bar.update(len(chunk))
     finally:
         if bar is not progress:  # a bar handed in is the caller's to close
             bar.close()
@@ -204,26 +239,48 @@ def perplexity(
         kl=kl,
         top1_agree=None if reference is None else float(np.mean(argmax == reference.argmax)),
         embed_scale=float(scale),
+        scoring=scoring,
     )
     return result
 
 
+SCORINGS = ("all", "llama.cpp")
+LLAMA_CPP_CTX = 512  # llama-perplexity's default -c
+
+
 def make_windows(model, text: str | None, ids: Sequence[int] | None, ctx: int | None,
-                 batch: int) -> list[list[int]]:
-    """The token windows a run scores (BOS in front of each when the metadata asks), after
-    checking the arguments; shared by both halves."""
+                 batch: int, scoring: str = "all") -> list[tuple[list[int], int]]:
+    """The windows a run evaluates, as ``(tokens, first)``: the predictions made at positions
+    ``first .. len(tokens) - 2`` (of the token after each) are scored. Checks the arguments
+    (ValueError naming the problem); shared by both halves. See the module docstring for the
+    two ``scoring`` rules."""
     if (text is None) == (ids is None):
         raise ValueError("give exactly one of text= or ids=")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; one of: {', '.join(SCORINGS)}")
     tok = model.tokenizer
     add_bos = bool(getattr(tok, "add_bos", False)) if tok is not None else False
+    bos = [tok.bos_id] if add_bos else []
     if ids is None:
         ids = tok.encode(text, add_special=False)
     ids = [int(i) for i in ids]
+    limit = model.args.max_seq_len
+    if scoring == "llama.cpp":
+        n = LLAMA_CPP_CTX if ctx is None else ctx
+        if n < 3:  # positions n/2 .. n-2 must hold one prediction at least
+            raise ValueError(f"ctx must be at least 3 for llama.cpp scoring, got {n}")
+        if n > limit:
+            raise ValueError(f"ctx {n} exceeds the model's context length {limit}")
+        tokens = bos + ids  # common_tokenize(..., add_special=true)
+        if len(tokens) < 2 * n:
+            raise ValueError(f"llama.cpp scoring needs at least 2 * ctx = {2 * n} tokens "
+                             f"(llama-perplexity refuses fewer); the text has {len(tokens)}")
+        return [(bos + tokens[i * n + len(bos):(i + 1) * n], n // 2)
+                for i in range(len(tokens) // n)]
     if len(ids) + add_bos < 2:
         raise ValueError("the text has too few tokens to score (need at least 2)")
-    limit = model.args.max_seq_len
     if ctx is None:
         ctx = min(len(ids) + add_bos, limit)
     if ctx < 2 + add_bos:
@@ -231,9 +288,15 @@ def make_windows(model, text: str | None, ids: Sequence[int] | None, ctx: int | 
     if ctx > limit:
         raise ValueError(f"ctx {ctx} exceeds the model's context length {limit}")
     per_window = ctx - add_bos
-    windows = [([tok.bos_id] if add_bos else []) + ids[i:i + per_window]
-               for i in range(0, len(ids), per_window)]
-    return [w for w in windows if len(w) >= 2]
+    n_full = len(ids) // per_window
+    windows = [(bos + ids[i * per_window:(i + 1) * per_window], 0) for i in range(n_full)]
+    rest = len(ids) - n_full * per_window
+    if rest and n_full:  # the text's last ctx tokens; only the remainder's are scored
+        tail = bos + ids[len(ids) - per_window:]
+        windows.append((tail, len(tail) - 1 - rest))
+    elif rest and len(bos) + rest >= 2:  # the whole text is shorter than a window
+        windows.append((bos + ids, 0))
+    return windows
 
 
 def check_reference(reference: PerplexityResult | None, n_scored: int) -> None:

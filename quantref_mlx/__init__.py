@@ -18,7 +18,7 @@ _os.environ.setdefault("MLX_ENABLE_TF32", "0")
 from .cache import KV_TYPES, KVCache, make_cache
 from .model import Model, ModelArgs, load
 from .generate import GenerationResponse, generate, stream_generate
-from .perplexity import PerplexityResult, kl_divergence, perplexity
+from .perplexity import PerplexityResult, default_text, kl_divergence, perplexity
 
 __all__ = [
     "GenerationResponse",
@@ -29,6 +29,7 @@ __all__ = [
     "Model",
     "ModelArgs",
     "PerplexityResult",
+    "default_text",
     "kl_divergence",
     "load",
     "make_cache",

@@ -16,12 +16,13 @@ import mlx.core as mx
 import numpy as np
 
 from quantref.perplexity import (PerplexityResult, _turbo_options, check_reference,
-                                 kl_divergence, make_windows, perturbation_scale, progress_bar)
+                                 default_text, kl_divergence, make_windows, perturbation_scale,
+                                 progress_bar)
 
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["PerplexityResult", "kl_divergence", "log_softmax", "perplexity"]
+__all__ = ["PerplexityResult", "default_text", "kl_divergence", "log_softmax", "perplexity"]
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -44,10 +45,11 @@ def perplexity(
     reference: PerplexityResult | None = None,
     perturb: int = 0,
     progress: bool | None = None,
+    scoring: str = "all",
 ) -> PerplexityResult:
-    """Same arguments and result as :func:`quantref.perplexity` (see there)."""
-    windows = make_windows(model, text, ids, ctx, batch)
-    n_scored = sum(len(w) - 1 for w in windows)
+    """Same arguments, scoring rules and result as :func:`quantref.perplexity` (see there)."""
+    windows = make_windows(model, text, ids, ctx, batch, scoring)
+    n_scored = sum(len(w) - 1 - first for w, first in windows)
     check_reference(reference, n_scored)
 
     nll = np.empty(n_scored, dtype=np.float64)
@@ -55,20 +57,27 @@ def perplexity(
     logprobs = (np.empty((n_scored, model.args.vocab_size), dtype=np.float32)
                 if keep_logprobs or reference is not None else None)
     scale = perturbation_scale(perturb)
-    total = sum(len(w) for w in windows)
+    total = sum(len(w) for w, _ in windows)
     bar = progress_bar(progress, total, f"ppl {kv} (mlx)")
     cache = None
     start = time.perf_counter()
     row = 0
     try:
-        for window in windows:
+        for window, first in windows:
             cache = model.make_cache(kv, **_turbo_options(kv, v, k_window, score_path))
             for b0 in range(0, len(window), batch):
                 chunk = window[b0:b0 + batch]
-                targets = window[b0 + 1:b0 + 1 + len(chunk)]
+                # scored: the predictions made at positions first .. len - 2 (of the next token)
+                lo, hi = max(b0, first), min(b0 + len(chunk), len(window) - 1)
+                if hi <= lo:  # nothing scored here: only the cache advances
+                    model.forward(chunk, cache, embed_scale=float(scale))
+                    mx.eval(*cache.state())
+                    bar.update(len(chunk))
+                    continue
+                targets = window[lo + 1:hi + 1]
                 n = len(targets)
                 # The chunk's whole graph, evaluated once:
-                logits = model.forward(chunk, cache, embed_scale=float(scale))[:n]
+                logits = model.forward(chunk, cache, embed_scale=float(scale))[lo - b0:hi - b0]
                 lp = log_softmax(logits)
                 chunk_nll = -mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)[:, 0]
                 top1 = mx.argmax(logits, axis=-1)
@@ -96,5 +105,6 @@ def perplexity(
         kv_bytes_per_token=cache.bytes_per_token, kv_bits=cache.bits_per_element,
         seconds=seconds, argmax=argmax, logprobs=logprobs if keep_logprobs else None, kl=kl,
         top1_agree=None if reference is None else float(np.mean(argmax == reference.argmax)),
-        embed_scale=float(scale), extra={"backend": "mlx", "device": str(mx.default_device())},
+        embed_scale=float(scale), scoring=scoring,
+        extra={"backend": "mlx", "device": str(mx.default_device())},
     )

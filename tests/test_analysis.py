@@ -358,6 +358,28 @@ def test_bits_vs_quality_rows_are_the_perplexity_runs(tiny):
         analysis.bits_vs_quality(tiny, text, configs=[], reference=direct)
 
 
+def test_bits_vs_quality_spread_is_the_perturbed_runs(tiny):
+    """``perturb=3``: each row's min..max is over the exact run and the runs under
+    ``perplexity(perturb=1)`` and ``(perturb=2)``, KL measured from the exact fp32 run."""
+    text = TEXT[:80]
+    rows = analysis.bits_vs_quality(tiny, text, configs=["turbo_kv_3b"], batch=16, perturb=3)
+    ref = quantref.perplexity(tiny, text, keep_logprobs=True, batch=16)
+    for row, kv in zip(rows, ("fp32", "turbo_kv_3b")):
+        runs = [quantref.perplexity(tiny, text, kv=kv, reference=ref, batch=16, perturb=k)
+                for k in range(3)]
+        assert row["ppl"] == runs[0].ppl
+        assert (row["ppl_min"], row["ppl_max"]) == (min(r.ppl for r in runs),
+                                                    max(r.ppl for r in runs))
+        assert (row["kl_min"], row["kl_max"]) == (min(r.mean_kl for r in runs),
+                                                  max(r.mean_kl for r in runs))
+    assert rows[0]["kl_min"] == 0.0 < rows[0]["kl_max"]  # a 1-ulp change moves fp32 a little
+    assert rows[1]["ppl_min"] < rows[1]["ppl_max"]
+    single = analysis.bits_vs_quality(tiny, text, configs=["turbo_kv_3b"], batch=16)
+    assert single[1]["ppl_min"] == single[1]["ppl"] == single[1]["ppl_max"]
+    with pytest.raises(ValueError, match="perturb"):
+        analysis.bits_vs_quality(tiny, text, configs=[], perturb=0)
+
+
 MEMORY_CONFIGS = [("fp32", {}), ("fp16", {}), ("q8_0", {}), ("q4_0", {}), ("mlx_q8", {}),
                   ("mlx_q4", {}), ("turbo_kv_3b", {}), ("turbo_kv_5b", {"v": "q2"}),
                   ("turbo_kv_4b", {"v": "q4", "k_window": 16})]

@@ -143,6 +143,21 @@ def models(default_model_path):
 
 
 @pytest.mark.model
+def test_default_model_logits_and_cache_agree_on_a_short_prompt(models):
+    """The real model in both halves on a few tokens, then three decoded ones (the README's
+    test command keeps this one: MLX's CPU wheel runs the whole real-model tests below in
+    minutes on its reference BLAS). Tolerance as in the module docstring, relative to the
+    logits' largest magnitude; an fp32 cache, because a compressed cache's stored bytes may
+    differ in a last bit between the halves (see the read-side test above)."""
+    m, mm = models
+    ids = m.tokenizer.encode("The river runs under the old stone bridge", add_special=False)
+    np_cache, mx_cache = m.make_cache("fp32"), mm.make_cache("fp32")
+    _close(mm.forward(ids, mx_cache), m.forward(ids, np_cache))
+    for token in (42, 7, 1000):
+        _close(mm.forward([token], mx_cache), m.forward([token], np_cache))
+
+
+@pytest.mark.model
 @pytest.mark.slow
 def test_default_model_fp32_perplexity_within_0_05_percent(models, ppl_1k_text):
     m, mm = models
