@@ -21,6 +21,11 @@ exactly the text llama.cpp's own merge loops see: special-token text is split ou
 (longest token first; CONTROL and UNKNOWN tokens only when ``parse_special``, USER_DEFINED
 tokens always), and SentencePiece's dummy prefix space is added per text fragment that starts
 the input or follows a special token. ``docs/tokenizers.md`` lists what is supported.
+
+Chat templates (``tokenizer.chat_template`` and the named ``tokenizer.chat_template.<name>``)
+are rendered as Hugging Face transformers renders them (:meth:`Tokenizer.apply_chat_template`):
+its jinja environment and its handling of the inputs are rebuilt here, so that transformers is
+not a dependency; ``tests/test_chat_template.py`` holds the result to transformers' own.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from typing import Any
 
 import gguf as gguf_py
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quantref import gguf, testing
 from quantref import tokenizer as tokenizer_module
@@ -220,6 +222,62 @@ def test_generation_prompt_default_and_bad_combinations(gguf_dir):
                                  return_generation_spans=True)
 
 
+# Text without surrogates (not encodable), and without the Phi/ChatML markers themselves.
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30).filter(
+    lambda t: "<|im_" not in t)
+_SETTINGS = settings(max_examples=60, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_SETTINGS
+@given(contents=st.lists(_TEXT, min_size=1, max_size=6))
+def test_generation_spans_are_the_assistant_bodies(contents, gguf_dir):
+    # Phi-4-reasoning wraps each assistant body and its <|im_end|> in {% generation %}: the
+    # spans must pick exactly those, in order, whatever the text.
+    tok = tokenizer_for(CASES["phi4-reasoning/user"], gguf_dir)
+    roles = ["user", "assistant"] * len(contents)
+    messages = [{"role": r, "content": c} for r, c in zip(roles, contents)]
+    text, spans = tok.apply_chat_template(messages, add_generation_prompt=False,
+                                          return_generation_spans=True)
+    assert [text[a:b] for a, b in spans] == [m["content"] + "<|im_end|>" for m in messages
+                                             if m["role"] == "assistant"]
+    assert text == tok.apply_chat_template(messages, add_generation_prompt=False)
+
+
+@_SETTINGS
+@given(history=st.lists(_TEXT, max_size=4), partial=_TEXT.filter(lambda t: t.strip() != ""))
+def test_continue_final_message_is_a_prefix(history, partial, gguf_dir):
+    # Continuing the final message renders the chat up to that message's text, open-ended: a
+    # prefix of the closed rendering, ending with the text (trailing spaces aside).
+    tok = tokenizer_for(CASES["smollm2/user"], gguf_dir)
+    roles = ["user", "assistant"] * (len(history) + 1)
+    messages = [{"role": r, "content": c} for r, c in zip(roles, history)]
+    messages.append({"role": roles[len(history)], "content": partial})
+    closed = tok.apply_chat_template(messages, add_generation_prompt=False)
+    open_ = tok.apply_chat_template(messages, continue_final_message=True)
+    assert closed.startswith(open_) and open_.rstrip().endswith(partial.rstrip())
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False)
+    | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12)
+
+
+@_SETTINGS
+@given(value=_JSON, indent=st.sampled_from([None, 0, 2]), sort_keys=st.booleans())
+def test_tojson_round_trips(value, indent, sort_keys, gguf_dir):
+    # transformers' tojson is json.dumps: whatever the arguments, the text parses back to the
+    # value, and it keeps non-ASCII and HTML characters as they are.
+    tok = tokenizer_for(CASES["env/tojson_default"], gguf_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=False,
+                                   chat_template="{{ v | tojson(indent=i, sort_keys=s) }}",
+                                   v=value, i=indent, s=sort_keys)
+    assert json.loads(text) == value
+    assert text == json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)
+
+
 @pytest.fixture(scope="module")
 def smollm(default_model_path) -> Tokenizer:
     with gguf.read(default_model_path) as gf:
@@ -238,15 +296,19 @@ def test_default_model_template_is_the_golden_one(smollm):
         check(smollm, case)
 
 
-@pytest.mark.parametrize("family", ["lfm2.5", "phi4-reasoning"])
-def test_cli_chat_runs_a_template_with_generation_tags(family, tmp_path, capsys):
+@pytest.mark.parametrize("family,backend", [("lfm2.5", "numpy"), ("phi4-reasoning", "numpy"),
+                                            ("lfm2.5", "mlx")])
+def test_cli_chat_runs_a_template_with_generation_tags(family, backend, tmp_path, capsys):
     # The fault that opened issue 10: `--chat` refused these templates as not compiling.
+    # quantref_mlx renders prompts with the same tokenizer.
     from quantref.cli import main
 
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
     path = testing.write_tiny_llama(tmp_path / "tiny.gguf", context_length=2048,
                                     chat_template=GOLDEN["templates"][family]["text"])
     assert main(["generate", "--model", str(path), "-p", "Hi", "-n", "2", "--chat",
-                 "--backend", "numpy", "--temp", "0"]) == 0
+                 "--backend", backend, "--temp", "0"]) == 0
     assert "prompt:" in capsys.readouterr().err
     with gguf.read(path) as gf:
         tok = from_gguf(gf)
