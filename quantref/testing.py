@@ -2,7 +2,11 @@
 
 :func:`write_tiny_llama` writes a GGUF with the metadata keys, tensor names and shapes that
 llama.cpp's converter writes for a Llama model, random weights scaled so that activations stay
-O(1), and a small byte-level BPE vocabulary fixed here (so tokenizer tests can reason about it):
+O(1), and a small byte-level BPE vocabulary fixed here (so tokenizer tests can reason about it).
+:func:`write_tiny` does the same for the other architectures quantref runs (``qwen2``,
+``qwen3``, ``phi3``, ``gemma3``), with the tensors llama.cpp's converter (convert_hf_to_gguf.py)
+writes for each: Q/K/V biases, Q/K norms, fused ``attn_qkv`` and gate|up ``ffn_up``, the
+post-norms and sliding-window keys. The vocabulary:
 
     ids 0, 1, 2       ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` (CONTROL)
     ids 3 .. 258      GPT-2's ``bytes_to_unicode`` symbol of byte 0 .. 255, in byte order (NORMAL)
@@ -44,6 +48,8 @@ __all__ = [
     "CHAT_TEMPLATE",
     "QTYPES",
     "write_tiny_llama",
+    "write_tiny",
+    "TINY_ARCHITECTURES",
     "tiny_llama_tensor_shapes",
     "random_model",
     "SMOLLM2_135M_SHAPES",
@@ -107,38 +113,70 @@ QTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
 }
 
 
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+
+
 def tiny_llama_tensor_shapes(
     *, n_layers: int, dim: int, n_heads: int, n_kv_heads: int, hidden_dim: int,
     tied_embeddings: bool = True, rope_freqs: bool = False, vocab_size: int = VOCAB_SIZE,
+    arch: str = "llama", head_dim: int | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> NumPy shape, in the order llama.cpp's converter writes a Llama model.
+    """Tensor name -> NumPy shape, in the order llama.cpp's converter writes a model of ``arch``
+    (HF's parameter order per layer, renamed).
 
-    Linear weights are [out_features, in_features]; norms are [dim].
+    Linear weights are [out_features, in_features]; norms are [dim]; Q/K norms [head_dim].
     """
-    head_dim = dim // n_heads
+    head_dim = head_dim or dim // n_heads
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab_size, dim)}
     if rope_freqs:
         shapes["rope_freqs.weight"] = (head_dim // 2,)
     for i in range(n_layers):
         p = f"blk.{i}."
         shapes[p + "attn_norm.weight"] = (dim,)
+        if arch == "phi3":  # Phi3ForCausalLM: qkv_proj and gate_up_proj, kept fused
+            shapes[p + "ffn_down.weight"] = (dim, hidden_dim)
+            shapes[p + "ffn_up.weight"] = (2 * hidden_dim, dim)
+            shapes[p + "ffn_norm.weight"] = (dim,)
+            shapes[p + "attn_output.weight"] = (dim, q_dim)
+            shapes[p + "attn_qkv.weight"] = (q_dim + 2 * kv_dim, dim)
+            continue
         shapes[p + "ffn_down.weight"] = (dim, hidden_dim)
         shapes[p + "ffn_gate.weight"] = (hidden_dim, dim)
         shapes[p + "ffn_up.weight"] = (hidden_dim, dim)
+        if arch == "gemma3":
+            shapes[p + "post_attention_norm.weight"] = (dim,)
+            shapes[p + "post_ffw_norm.weight"] = (dim,)
         shapes[p + "ffn_norm.weight"] = (dim,)
-        shapes[p + "attn_k.weight"] = (n_kv_heads * head_dim, dim)
-        shapes[p + "attn_output.weight"] = (dim, n_heads * head_dim)
-        shapes[p + "attn_q.weight"] = (n_heads * head_dim, dim)
-        shapes[p + "attn_v.weight"] = (n_kv_heads * head_dim, dim)
+        if arch == "qwen2":
+            shapes[p + "attn_k.bias"] = (kv_dim,)
+        shapes[p + "attn_k.weight"] = (kv_dim, dim)
+        if arch in ("qwen3", "gemma3"):
+            shapes[p + "attn_k_norm.weight"] = (head_dim,)
+        shapes[p + "attn_output.weight"] = (dim, q_dim)
+        if arch == "qwen2":
+            shapes[p + "attn_q.bias"] = (q_dim,)
+        shapes[p + "attn_q.weight"] = (q_dim, dim)
+        if arch in ("qwen3", "gemma3"):
+            shapes[p + "attn_q_norm.weight"] = (head_dim,)
+        if arch == "qwen2":
+            shapes[p + "attn_v.bias"] = (kv_dim,)
+        shapes[p + "attn_v.weight"] = (kv_dim, dim)
     if not tied_embeddings:
         shapes["output.weight"] = (vocab_size, dim)
     shapes["output_norm.weight"] = (dim,)
     return shapes
 
 
-def write_tiny_llama(
+def write_tiny_llama(path: str | os.PathLike[str], **options: Any) -> Path:
+    """A tiny random Llama GGUF: :func:`write_tiny` with ``arch="llama"``."""
+    return write_tiny(path, arch="llama", **options)
+
+
+def write_tiny(
     path: str | os.PathLike[str],
     *,
+    arch: str = "llama",
     n_layers: int = 2,
     dim: int = 64,
     n_heads: int = 4,
@@ -154,8 +192,12 @@ def write_tiny_llama(
     seed: int = 0,
     add_bos: bool = False,
     chat_template: str = CHAT_TEMPLATE,
+    head_dim: int | None = None,
+    sliding_window: int = 0,
+    sliding_window_pattern: int = 0,
 ) -> Path:
-    """Write a random Llama GGUF with the fixed tiny vocabulary; returns ``Path(path)``.
+    """Write a random GGUF of ``arch`` (one of :data:`TINY_ARCHITECTURES`) with the fixed tiny
+    vocabulary; returns ``Path(path)``.
 
     qtype: type of the 2-D weights ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0",
         "q5_1"); 1-D tensors (norms, rope_freqs) are always F32.
@@ -163,18 +205,26 @@ def write_tiny_llama(
         qtype "q4_1" as in the default SmolLM2 model.
     Weights: normal, std 1/sqrt(in_features) (so each projection keeps activations O(1); the
     embedding uses 1/sqrt(dim) so that tied logits are O(1)); norm weights 1 + N(0, 0.1^2);
-    rope_freqs factors uniform in [1, 4) (Llama-3-style long-context factors are >= 1).
+    rope_freqs factors uniform in [1, 4) (Llama-3-style long-context factors are >= 1); Q/K/V
+    biases N(0, 0.1^2).
+    head_dim: ``{arch}.attention.key_length`` / ``value_length`` when given (else dim/n_heads).
+    sliding_window, sliding_window_pattern: gemma3's window and its every-n-th-layer-global
+    pattern (the keys written only when non-zero; llama.cpp's default pattern is 6).
     chat_template: the ``tokenizer.chat_template`` text (default: a ChatML template).
     """
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"arch must be one of {TINY_ARCHITECTURES}, got {arch!r}")
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {sorted(QTYPES)}, got {qtype!r}")
     embedding_qtype = qtype if embedding_qtype is None else embedding_qtype
     if embedding_qtype not in QTYPES:
         raise ValueError(f"embedding_qtype must be one of {sorted(QTYPES)}, got {embedding_qtype!r}")
-    if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
+    if (head_dim is None and dim % n_heads) or n_heads % n_kv_heads \
+            or (head_dim or dim // n_heads) % 2:
         raise ValueError(f"dim {dim} must split into n_heads {n_heads} even-sized heads, "
                          f"and n_heads into n_kv_heads {n_kv_heads} groups")
-    head_dim = dim // n_heads
+    explicit_head_dim = head_dim is not None
+    head_dim = head_dim or dim // n_heads
     weight_type, file_type = QTYPES[qtype]
     embd_type = QTYPES[embedding_qtype][0]
 
@@ -187,20 +237,27 @@ def write_tiny_llama(
 
     U32, F32, STR, BOOL, ARR = (GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
                                 GGUFValueType.BOOL, GGUFValueType.ARRAY)
-    put("general.architecture", "llama", STR)
+    put("general.architecture", arch, STR)
     put("general.type", "model", STR)
-    put("general.name", "Tiny Random Llama", STR)
-    put("llama.block_count", n_layers, U32)
-    put("llama.context_length", context_length, U32)
-    put("llama.embedding_length", dim, U32)
-    put("llama.feed_forward_length", hidden_dim, U32)
-    put("llama.attention.head_count", n_heads, U32)
-    put("llama.attention.head_count_kv", n_kv_heads, U32)
-    put("llama.rope.freq_base", float(np.float32(rope_base)), F32)
-    put("llama.attention.layer_norm_rms_epsilon", float(np.float32(norm_eps)), F32)
+    put("general.name", f"Tiny Random {arch.capitalize()}", STR)
+    put(f"{arch}.block_count", n_layers, U32)
+    put(f"{arch}.context_length", context_length, U32)
+    put(f"{arch}.embedding_length", dim, U32)
+    put(f"{arch}.feed_forward_length", hidden_dim, U32)
+    put(f"{arch}.attention.head_count", n_heads, U32)
+    put(f"{arch}.attention.head_count_kv", n_kv_heads, U32)
+    put(f"{arch}.rope.freq_base", float(np.float32(rope_base)), F32)
+    put(f"{arch}.attention.layer_norm_rms_epsilon", float(np.float32(norm_eps)), F32)
+    if explicit_head_dim:
+        put(f"{arch}.attention.key_length", head_dim, U32)
+        put(f"{arch}.attention.value_length", head_dim, U32)
+    if sliding_window:
+        put(f"{arch}.attention.sliding_window", sliding_window, U32)
+    if sliding_window_pattern:
+        put(f"{arch}.attention.sliding_window_pattern", sliding_window_pattern, U32)
     put("general.file_type", int(file_type), U32)
-    put("llama.vocab_size", VOCAB_SIZE, U32)
-    put("llama.rope.dimension_count", head_dim, U32)
+    put(f"{arch}.vocab_size", VOCAB_SIZE, U32)
+    put(f"{arch}.rope.dimension_count", head_dim, U32)
     put("tokenizer.ggml.add_space_prefix", False, BOOL)
     put("tokenizer.ggml.add_bos_token", bool(add_bos), BOOL)
     put("tokenizer.ggml.add_eos_token", False, BOOL)
@@ -218,13 +275,16 @@ def write_tiny_llama(
 
     shapes = tiny_llama_tensor_shapes(
         n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim,
-        tied_embeddings=tied_embeddings, rope_freqs=rope_freqs,
+        tied_embeddings=tied_embeddings, rope_freqs=rope_freqs, arch=arch,
+        head_dim=head_dim if explicit_head_dim else None,
     )
     rng = np.random.default_rng(seed)
     tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType, tuple[int, ...]]] = {}
     for name, shape in shapes.items():
         if name == "rope_freqs.weight":
             values = rng.uniform(1.0, 4.0, size=shape)
+        elif name.endswith(".bias"):
+            values = 0.1 * rng.standard_normal(shape)
         elif len(shape) == 1:
             values = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name in ("token_embd.weight", "output.weight"):

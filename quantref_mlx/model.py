@@ -1,5 +1,8 @@
 """The Llama-family forward pass in MLX: quantref's graph, evaluated lazily.
 
+Every architecture of :mod:`quantref.model` (llama, qwen2, qwen3, phi3, gemma3) runs here with
+the same options, read from the same :class:`quantref.model.ModelArgs`.
+
 This file mirrors :mod:`quantref.model` name for name; hold them side by side. The difference is
 *when* arithmetic happens: every function here only builds MLX graph nodes, and nothing is
 computed until the caller evaluates a whole step (one ``mx.eval`` per decoded token or prefill
@@ -56,9 +59,15 @@ __all__ = [
     "rope",
     "softmax",
     "swiglu",
+    "geglu",
+    "window_mask",
 ]
 
 WEIGHT_LAYOUTS = ("auto", "quantized", "float")
+# LayerWeights' optional vectors and their GGUF tensor names (blk.N.<name>)
+OPTIONAL = {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
+            "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+            "attn_post_norm": "post_attention_norm.weight", "ffn_post_norm": "post_ffw_norm.weight"}
 
 
 @dataclass
@@ -152,10 +161,27 @@ class LayerWeights:
     ffn_norm: mx.array  # [dim]
     w_gate_up: Fused  # [2 * hidden_dim, dim] -> gate, up
     w_down: Linear  # [dim, hidden_dim]
+    # Optional, by architecture, as in quantref.model.LayerWeights (None where absent):
+    bq: mx.array | None = None  # [n_heads * head_dim] (qwen2)
+    bk: mx.array | None = None
+    bv: mx.array | None = None
+    q_norm: mx.array | None = None  # [head_dim] (qwen3, gemma3)
+    k_norm: mx.array | None = None
+    attn_post_norm: mx.array | None = None  # [dim] (gemma3)
+    ffn_post_norm: mx.array | None = None
 
     @classmethod
-    def of(cls, attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down) -> "LayerWeights":
-        return cls(attn_norm, Fused.of(wq, wk, wv), wo, ffn_norm, Fused.of(w_gate, w_up), w_down)
+    def of(cls, attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down,
+           **optional: mx.array | None) -> "LayerWeights":
+        return cls(attn_norm, Fused.of(wq, wk, wv), wo, ffn_norm, Fused.of(w_gate, w_up), w_down,
+                   **optional)
+
+    @property
+    def vectors(self) -> list[mx.array]:
+        """The norms and biases (every weight that is not a linear map)."""
+        return [a for a in (self.attn_norm, self.ffn_norm, self.bq, self.bk, self.bv,
+                            self.q_norm, self.k_norm, self.attn_post_norm, self.ffn_post_norm)
+                if a is not None]
 
     @property
     def linears(self) -> list[Linear]:
@@ -176,7 +202,7 @@ class Weights:
         if self.output is not self.token_embd:
             total += self.output.nbytes
         for lw in self.layers:
-            total += lw.attn_norm.nbytes + lw.ffn_norm.nbytes + sum(m.nbytes for m in lw.linears)
+            total += sum(a.nbytes for a in lw.vectors) + sum(m.nbytes for m in lw.linears)
         return total
 
 
@@ -185,22 +211,28 @@ class Weights:
 # ---------------------------------------------------------------------------------------------
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    """``x [T, dim] -> [T, dim]``: x / sqrt(mean(x^2) + eps) * weight (MLX's fused kernel)."""
+    """``x [..., d] -> [..., d]``: x / sqrt(mean(x^2) + eps) * weight over the last axis
+    (MLX's fused kernel)."""
     return mx.fast.rms_norm(x, weight, eps)
 
 
-def rope(x: mx.array, offset: int, args: ModelArgs, rope_freqs: mx.array | None) -> mx.array:
-    """Rotate adjacent pairs of each head of ``x [heads, T, head_dim]`` for positions
-    ``offset .. offset + T - 1`` (``traditional=True`` is MLX's name for the adjacent-pair form
-    that GGUF Llama weights need)."""
+def rope(x: mx.array, offset: int, args: ModelArgs, rope_freqs: mx.array | None,
+         swa: bool = False) -> mx.array:
+    """Rotate pairs of dims of each head of ``x [heads, T, head_dim]`` for positions
+    ``offset .. offset + T - 1``: adjacent pairs for llama (``traditional=True`` is MLX's name
+    for that form, which GGUF Llama weights need), pairs ``(i, i + rope_dim/2)`` where
+    ``args.rope_neox``. ``swa``: a sliding-window layer's base and scale (as
+    :func:`quantref.model.rope_tables`)."""
+    base, scale = (args.rope_base_swa, 1.0) if swa else (args.rope_base, args.rope_scale)
+    traditional = not args.rope_neox
     if rope_freqs is None:
-        return mx.fast.rope(x, args.rope_dim, traditional=True, base=args.rope_base,
-                            scale=1.0 / args.rope_scale, offset=offset)
+        return mx.fast.rope(x, args.rope_dim, traditional=traditional, base=base,
+                            scale=1.0 / scale, offset=offset)
     # MLX takes periods: angle = position / period; period_i = base^(2i/d) * factor_i
-    periods = (args.rope_base ** (mx.arange(0, args.rope_dim, 2, dtype=mx.float32)
-                                  / args.rope_dim)) * rope_freqs
-    return mx.fast.rope(x, args.rope_dim, traditional=True, base=None,
-                        scale=1.0 / args.rope_scale, offset=offset, freqs=periods)
+    periods = (base ** (mx.arange(0, args.rope_dim, 2, dtype=mx.float32)
+                        / args.rope_dim)) * rope_freqs
+    return mx.fast.rope(x, args.rope_dim, traditional=traditional, base=None,
+                        scale=1.0 / scale, offset=offset, freqs=periods)
 
 
 def causal_mask(T: int, L: int) -> mx.array:
@@ -218,6 +250,26 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """``silu(gate) * up``."""
     return gate * mx.sigmoid(gate) * up
+
+
+_SQRT_2_OVER_PI = 0.79788456080286535587989211986876  # ggml's constants, as quantref.model
+_GELU_COEF_A = 0.044715
+
+
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``gelu(gate) * up`` with GELU's tanh form, as :func:`quantref.model.geglu`."""
+    inner = _SQRT_2_OVER_PI * gate * (1.0 + _GELU_COEF_A * gate * gate)
+    return 0.5 * gate * (1.0 + mx.tanh(inner)) * up
+
+
+def window_mask(offset, T: int, L: int, window: int) -> mx.array:
+    """Additive ``float32 [T, L]``: -inf where key ``p0`` is too old for query ``t`` (at position
+    ``offset + t``) of a sliding-window layer, ``p1 - p0 >= window``, else 0. ``offset``: an
+    int, or an int32 array inside a compiled step (:func:`quantref.model.window_mask`)."""
+    q_pos = offset + mx.arange(T)[:, None]
+    k_pos = mx.arange(L)[None, :]
+    return mx.where(k_pos <= q_pos - window, mx.array(-mx.inf, mx.float32),
+                    mx.array(0.0, mx.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +321,8 @@ class Model:
         a, w, op = self.args, self.weights, self._op
 
         x = op(w.token_embd.rows(ids))  # [T, dim]
+        if a.embed_scale != 1.0:  # gemma3: sqrt(dim)
+            x = op(x * mx.array(a.embed_scale, mx.float32))
         if embed_scale != 1.0:
             x = op(x * mx.array(embed_scale, mx.float32))
         for layer in range(a.n_layers):
@@ -278,32 +332,57 @@ class Model:
         if last_only:
             x = x[-1:]
         x = op(rms_norm(x, w.output_norm, a.norm_eps))
-        return op(w.output(x))  # [T, vocab]
+        logits = op(w.output(x))  # [T, vocab]
+        if a.logit_softcap:
+            c = mx.array(a.logit_softcap, mx.float32)
+            logits = op(mx.tanh(logits / c) * c)
+        return logits
 
     def block(self, layer: int, x: mx.array, cache: KVCache) -> mx.array:
         """One transformer block: ``x [T, dim] -> [T, dim]``, appending its K/V to ``cache``."""
         a, lw, op = self.args, self.weights.layers[layer], self._op
         h = op(rms_norm(x, lw.attn_norm, a.norm_eps))
-        x = op(x + self.attention(layer, h, cache))
+        out = self.attention(layer, h, cache)
+        if lw.attn_post_norm is not None:  # gemma3
+            out = op(rms_norm(out, lw.attn_post_norm, a.norm_eps))
+        x = op(x + out)
         h = op(rms_norm(x, lw.ffn_norm, a.norm_eps))
         gate, up = (op(y) for y in lw.w_gate_up(h))
-        return op(x + op(lw.w_down(op(swiglu(gate, up)))))
+        act = geglu if a.ffn_act == "gelu" else swiglu
+        out = op(lw.w_down(op(act(gate, up))))
+        if lw.ffn_post_norm is not None:
+            out = op(rms_norm(out, lw.ffn_post_norm, a.norm_eps))
+        return op(x + out)
 
     def attention(self, layer: int, h: mx.array, cache: KVCache) -> mx.array:
-        """Causal grouped-query attention of the chunk ``h [T, dim]`` -> ``[T, dim]``."""
+        """Causal grouped-query attention of the chunk ``h [T, dim]`` -> ``[T, dim]``; on a
+        sliding-window layer over the newest ``args.sliding_window`` keys (older ones masked,
+        as in :meth:`quantref.model.Model.attention`)."""
         a, lw, op = self.args, self.weights.layers[layer], self._op
         T = h.shape[0]
         offset = cache.offset  # an int, or an int32 array inside a compiled step
         freqs = self.weights.rope_freqs
+        swa = a.is_swa(layer)
         q, k, v = (op(y) for y in lw.wqkv(h))
+        if lw.bq is not None:  # qwen2
+            q, k, v = op(q + lw.bq), op(k + lw.bk), op(v + lw.bv)
         q = q.reshape(T, a.n_heads, a.head_dim).transpose(1, 0, 2)  # [n_heads, T, head_dim]
         k = k.reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
         v = v.reshape(T, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
-        q, k = op(rope(q, offset, a, freqs)), op(rope(k, offset, a, freqs))
+        if lw.q_norm is not None:  # qwen3, gemma3: per head, before RoPE
+            q, k = op(rms_norm(q, lw.q_norm, a.norm_eps)), op(rms_norm(k, lw.k_norm, a.norm_eps))
+        q, k = op(rope(q, offset, a, freqs, swa)), op(rope(k, offset, a, freqs, swa))
+        scale = 1.0 / math.sqrt(a.head_dim)
+        if a.attn_scale:  # gemma3 scales the queries, then attends unscaled
+            q, scale = op(q * mx.array(a.attn_scale, mx.float32)), 1.0
 
         cache.append(layer, k, v)  # [n_kv_heads, T, head_dim] each
-        scale = 1.0 / math.sqrt(a.head_dim)
         mask = cache.mask(T)  # additive [T, L], or None (one query sees every key)
+        if swa and not (isinstance(offset, int) and offset + T <= a.sliding_window):
+            # keys: the L = offset + T stored, or a compiled step's fixed capacity
+            L = offset + T if isinstance(offset, int) else cache.capacity
+            wm = window_mask(offset, T, L, a.sliding_window)
+            mask = wm if mask is None else mask + wm
         if cache.fused_attention:
             # fp32 / fp16 caches: MLX's attention kernel does scores, mask, softmax and values
             # in one dispatch (GQA included) instead of five.
@@ -347,10 +426,12 @@ class Model:
 def _float_weights(numpy_weights) -> Weights:
     """The NumPy oracle's float32 weights, moved into MLX arrays."""
     lin = lambda a: Linear(mx.array(a))  # noqa: E731
+    vec = lambda a: None if a is None else mx.array(a)  # noqa: E731
     layers = [LayerWeights.of(
         attn_norm=mx.array(lw.attn_norm), wq=lin(lw.wq), wk=lin(lw.wk), wv=lin(lw.wv),
         wo=lin(lw.wo), ffn_norm=mx.array(lw.ffn_norm), w_gate=lin(lw.w_gate), w_up=lin(lw.w_up),
-        w_down=lin(lw.w_down)) for lw in numpy_weights.layers]
+        w_down=lin(lw.w_down), **{name: vec(getattr(lw, name)) for name in OPTIONAL})
+        for lw in numpy_weights.layers]
     embd = lin(numpy_weights.token_embd)
     output = embd if numpy_weights.output is numpy_weights.token_embd else lin(numpy_weights.output)
     rf = numpy_weights.rope_freqs
@@ -404,17 +485,34 @@ def _quantized_weights(path: Path, gf, args: ModelArgs) -> Weights:
         return Linear(mx.array(np.asarray(gf.tensor(name), dtype=np.float32)))
 
     def vector(name: str) -> mx.array:
+        if name not in gf.tensors:
+            raise UnsupportedModelError(f"{path}: tensor {name!r} is missing")
         return mx.array(np.asarray(gf.tensor(name), dtype=np.float32))
 
+    a = args
+    wanted = {"bq": a.qkv_bias, "bk": a.qkv_bias, "bv": a.qkv_bias, "q_norm": a.qk_norm,
+              "k_norm": a.qk_norm, "attn_post_norm": a.post_norms, "ffn_post_norm": a.post_norms}
+    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     layers = []
     for i in range(args.n_layers):
         b = f"blk.{i}."
-        layers.append(LayerWeights.of(
-            attn_norm=vector(b + "attn_norm.weight"), wq=linear(b + "attn_q.weight"),
-            wk=linear(b + "attn_k.weight"), wv=linear(b + "attn_v.weight"),
-            wo=linear(b + "attn_output.weight"), ffn_norm=vector(b + "ffn_norm.weight"),
-            w_gate=linear(b + "ffn_gate.weight"), w_up=linear(b + "ffn_up.weight"),
-            w_down=linear(b + "ffn_down.weight")))
+        optional = {name: vector(b + t) if wanted[name] else None
+                    for name, t in OPTIONAL.items()}
+        if args.fused_qkv:  # phi3: the file's fused maps are already one matrix each
+            lw = LayerWeights(
+                attn_norm=vector(b + "attn_norm.weight"),
+                wqkv=Fused([q_dim, kv_dim, kv_dim], whole=linear(b + "attn_qkv.weight")),
+                wo=linear(b + "attn_output.weight"), ffn_norm=vector(b + "ffn_norm.weight"),
+                w_gate_up=Fused([args.hidden_dim] * 2, whole=linear(b + "ffn_up.weight")),
+                w_down=linear(b + "ffn_down.weight"), **optional)
+        else:
+            lw = LayerWeights.of(
+                attn_norm=vector(b + "attn_norm.weight"), wq=linear(b + "attn_q.weight"),
+                wk=linear(b + "attn_k.weight"), wv=linear(b + "attn_v.weight"),
+                wo=linear(b + "attn_output.weight"), ffn_norm=vector(b + "ffn_norm.weight"),
+                w_gate=linear(b + "ffn_gate.weight"), w_up=linear(b + "ffn_up.weight"),
+                w_down=linear(b + "ffn_down.weight"), **optional)
+        layers.append(lw)
     embd = linear("token_embd.weight")
     output = embd if args.tied_embeddings else linear("output.weight")
     rf = vector("rope_freqs.weight") if "rope_freqs.weight" in gf.tensors else None
@@ -449,7 +547,7 @@ def load(path: str | Path | None = None, *, weights: str = "auto", sync: str = "
     ``weights``: ``"auto"`` (default), ``"quantized"`` or ``"float"``; see the module docstring.
     """
     from quantref import gguf
-    from quantref.fetch import MODELS, model_path
+    from quantref.fetch import MODELS, chat_template_for, model_path
     from quantref.model import load_weights
     from quantref.tokenizer import from_gguf
 
@@ -467,6 +565,8 @@ def load(path: str | Path | None = None, *, weights: str = "auto", sync: str = "
         else:
             w = _quantized_weights(path, gf, args)
         tokenizer = from_gguf(gf)
+        if tokenizer.chat_template is None:  # a known file without one: its release's
+            tokenizer.chat_template = chat_template_for(path)
         metadata = {k: v for k, v in gf.metadata.items() if not k.startswith("tokenizer.ggml.")}
     mx.eval(w.token_embd.weight, *[m.weight for lw in w.layers for m in lw.linears])
     return Model(args, w, tokenizer, metadata=metadata, path=path, layout=weights, sync=sync)

@@ -143,9 +143,20 @@ def test_rope_rotates_adjacent_pairs_and_preserves_norm():
     assert math.isclose((angle + math.pi) % (2 * math.pi) - math.pi, 1.0, abs_tol=1e-5)
 
 
-def test_other_architectures_are_refused(tmp_path, gemma_model_path):
-    with pytest.raises(UnsupportedModelError, match=r"gemma3.*supported: llama"):
-        quantref.load(gemma_model_path)
+def test_other_architectures_are_refused(tmp_path):
+    src = write_tiny_llama(tmp_path / "t.gguf")
+    with gguf.read(src) as gf:
+        md = {("falcon." + k[len("llama."):] if k.startswith("llama.") else k): v
+              for k, v in gf.metadata.items()}
+        types = {("falcon." + k[len("llama."):] if k.startswith("llama.") else k): v
+                 for k, v in gf.types.items()}
+        md["general.architecture"] = "falcon"
+        tensors = {n: (np.array(gf.raw(n)), t.qtype, t.shape) for n, t in gf.tensors.items()}
+        gguf.write(tmp_path / "falcon.gguf", md, types, tensors)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"'falcon' is not supported; supported: llama, qwen2, qwen3, phi3, "
+                             r"gemma3"):
+        quantref.load(tmp_path / "falcon.gguf")
 
 
 def test_missing_tensor_is_named(tmp_path):
