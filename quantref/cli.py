@@ -154,6 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "gguf_version": gf.version,
             "architecture": md.get("general.architecture"),
             "name": md.get("general.name"),
+            "options": margs.options,  # what this architecture does beyond llama's block
             "hyperparameters": {k: (v if not hasattr(v, "tolist") else v.tolist())
                                 for k, v in vars(margs).items()},
             "tensor_types": dict(types.most_common()),
@@ -179,6 +180,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     hp = info["hyperparameters"]
     print(f"model         {path}")
     print(f"architecture  {info['architecture']}  ({info['name']}, GGUF v{info['gguf_version']})")
+    opts = dict(info["options"])
+    swa = opts.pop("swa_layers", None)
+    shown = [k if v is True else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in opts.items()]
+    if swa is not None:
+        shown.append(f"(sliding window on {len(swa)} of {hp['n_layers']} layers)")
+    print(f"options       {'  '.join(shown) or 'none (plain llama)'}")
     print(f"layers        {hp['n_layers']}   dim {hp['dim']}   ffn {hp['hidden_dim']}   "
           f"vocab {hp['vocab_size']}")
     print(f"heads         {hp['n_heads']} query / {hp['n_kv_heads']} KV, head_dim "
