@@ -9,8 +9,11 @@ the softmax stay in the model. A cache is a K *codec* and a V *codec* over growa
 - its ``decode`` reads them back to float32, and its ``scores`` computes ``q . k`` against
   the stored form (compressed formats: exactly as their reference engine reads them).
 
-Cache types (``kv=``): ``fp32``, ``fp16``; llama.cpp's ``q8_0`` and ``q4_0`` (K and V, its block
-formats and rounding, its CPU dot product with the query quantized to Q8_0); mlx-lm's affine
+Cache types (``kv=``): ``fp32``, ``fp16``; llama.cpp's ``q8_0`` and ``q4_0`` as llama.cpp runs
+them by default (K and V Hadamard-rotated when ``head_dim`` is a multiple of 64, its block
+formats and run-time rounding, its CPU flash-attention dot product with the query quantized to
+Q8_0) and ``q8_0_norot`` / ``q4_0_norot`` (the same without the rotation:
+``LLAMA_ATTN_ROT_DISABLE=1``, and llama.cpp before PR #21038); mlx-lm's affine
 ``mlx_q8`` / ``mlx_q4`` (QuantizedKVCache: groups of 64, a scale and a bias per group); and
 quant.cpp's ``turbo_kv_3b`` / ``turbo_kv_4b`` / ``turbo_kv_5b`` key formats, with ``v=`` one of
 ``fp16`` (default), ``fp32``, ``q4``, ``q2``, ``k_window=W`` (the newest W keys also kept in
@@ -24,14 +27,17 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "GGML_TYPES",
     "KV_TYPES",
     "TURBO_V_TYPES",
     "CacheSizes",
     "Codec",
     "KVCache",
     "check_options",
+    "hadamard",
     "kv_label",
     "make_cache",
+    "rotation_sizes",
 ]
 
 Stored = tuple[np.ndarray, ...]  # one codec's arrays, each [n_kv_heads, T, ...]
@@ -85,15 +91,70 @@ class Float16Codec(Codec):
         return stored[0].astype(np.float32)
 
 
-class GGMLCodec(Codec):
-    """llama.cpp's quantized KV cache: each head's row in ggml blocks (Q8_0 or Q4_0).
+def hadamard(x: np.ndarray, n: int) -> np.ndarray:
+    """``x float32 [..., m]`` (``m`` a multiple of ``n``) -> each run of ``n`` values times the
+    ``n x n`` orthonormal Walsh-Hadamard matrix ``H`` (``H[i, j] = (-1)^popcount(i & j) /
+    sqrt(n)``, symmetric, ``H @ H = I``), float32.
 
-    llama.cpp's CPU attention converts the query to the K type's ``vec_dot_type`` (Q8_0 for both)
-    and takes block-wise integer dot products; we quantize the query the same way and take the
-    dot product of the dequantized blocks, which differs from it only in float summation order.
+    Computed as llama.cpp's CPU backend computes the rotation of its quantized KV cache (a
+    ``mul_mat`` marked ``GGML_HINT_SRC0_IS_HADAMARD`` runs ``ggml_compute_forward_fwht``,
+    ``ggml-cpu/ops.cpp``): scale by ``1.0f / sqrtf(n)`` first, then the butterflies
+    ``(u + v, u - v)`` at distances 1, 2, 4, ... ``n / 2``, each in float32; the same roundings,
+    so the same bits. ``n`` must be a power of two.
+    """
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {n}")
+    shape = x.shape
+    if shape[-1] % n:
+        raise ValueError(f"rows of {shape[-1]} values are not a whole number of {n}-runs")
+    y = np.asarray(x, dtype=np.float32).reshape(-1, n) * (np.float32(1) / np.sqrt(np.float32(n)))
+    half = 1
+    while half < n:
+        pairs = y.reshape(-1, n // (2 * half), 2, half)
+        u = pairs[:, :, 0].copy()
+        pairs[:, :, 0] += pairs[:, :, 1]  # u + v
+        np.subtract(u, pairs[:, :, 1], out=pairs[:, :, 1])  # u - v
+        half *= 2
+    return y.reshape(shape)
+
+
+def rotation_sizes(head_dim: int) -> tuple[int, int]:
+    """The Hadamard sizes (K, V) llama.cpp rotates a quantized cache's heads by; 0: none.
+
+    Since llama.cpp PR #21038 (``llama-kv-cache.cpp``), a quantized K (V) cache is rotated when
+    ``head_dim`` is a multiple of 64 (``LLAMA_ATTN_ROT_DISABLE=1`` turns it off): K by the
+    largest power of two >= 64 that divides ``head_dim``, V always by 64.
+    """
+    if head_dim % 64:
+        return 0, 0
+    k = 64
+    while head_dim % (2 * k) == 0:
+        k *= 2
+    return k, 64
+
+
+class GGMLCodec(Codec):
+    """llama.cpp's quantized KV cache: each head's row in ggml blocks (Q8_0 or Q4_0), as
+    llama.cpp's CPU backend writes and reads it.
+
+    ``rotation=n`` (llama.cpp's default since PR #21038, see :func:`rotation_sizes`): rows are
+    Hadamard-rotated in runs of ``n`` (:func:`hadamard`) before they are quantized, and so is
+    the query; ``decode`` rotates back (``H @ H = I``), so keys and values read back in the
+    model's own basis. llama.cpp instead rotates the attention *output* back; ``H`` is linear,
+    so that is the same sum, rounded in another order (float32 noise, ~1e-7 relative).
+    ``rotation=0``: the unrotated cache (``q8_0_norot`` / ``q4_0_norot``, llama.cpp with
+    ``LLAMA_ATTN_ROT_DISABLE=1``).
+
+    Blocks are made by llama.cpp's run-time quantizer (``quants.quantize(..., runtime=True)``:
+    for Q8_0 the x86 one). ``scores``: the CPU flash attention (``ggml-cpu/ops.cpp``,
+    ``flash_attn_ext``) converts the (rotated) query to K's ``vec_dot_type`` (Q8_0 for both
+    types) and takes ``ggml_vec_dot_q{8,4}_0_q8_0``: per 32-block an exact integer dot product
+    of the codes, times the product of the two scales, summed over blocks in float32. We do the
+    same: the integer sums are float32 matrix products of small integers (below 2^24: exact),
+    and only the order of the float32 sum over blocks differs (AVX2 keeps 8 lanes).
     """
 
-    def __init__(self, head_dim: int, qtype_name: str):
+    def __init__(self, head_dim: int, qtype_name: str, rotation: int = 0, name: str | None = None):
         from gguf import GGMLQuantizationType
 
         from . import quants
@@ -101,25 +162,60 @@ class GGMLCodec(Codec):
         self.qtype = GGMLQuantizationType[qtype_name.upper()]
         block_elems, block_bytes = quants.BLOCKS[self.qtype]
         if head_dim % block_elems:
-            raise ValueError(f"kv={qtype_name} needs head_dim divisible by {block_elems}, "
+            raise ValueError(f"kv={name or qtype_name} needs head_dim divisible by {block_elems}, "
                              f"got {head_dim}")
+        if rotation and head_dim % rotation:
+            raise ValueError(f"a rotation of {rotation} does not divide head_dim {head_dim}")
         super().__init__(head_dim)
-        self.name = qtype_name
+        self.name = name or qtype_name
+        self.rotation = rotation
         self.bits = 8.0 * block_bytes / block_elems
         self._quants = quants
+        self._q8_0 = GGMLQuantizationType.Q8_0
+
+    def _rotate(self, x: np.ndarray) -> np.ndarray:
+        return hadamard(x, self.rotation) if self.rotation else np.ascontiguousarray(x, np.float32)
 
     def encode(self, x):
-        return (self._quants.quantize(np.ascontiguousarray(x, dtype=np.float32), self.qtype),)
+        return (self._quants.quantize(self._rotate(x), self.qtype, runtime=True),)
 
     def decode(self, stored):
-        return self._quants.dequantize(stored[0], self.qtype)
+        # H is its own inverse: rotating the dequantized rows again brings them back.
+        return self._rotate(self._quants.dequantize(stored[0], self.qtype))
 
     def scores(self, q, stored):
-        from gguf import GGMLQuantizationType
+        q8 = self._quants.quantize(self._rotate(q), self._q8_0, runtime=True)
+        q_codes, q_d = _ggml_codes(q8, "Q8_0")
+        k_codes, k_d = _ggml_codes(stored[0], self.qtype.name)
+        # block-major, contiguous: NumPy hands contiguous stacks to BLAS
+        q_codes = np.ascontiguousarray(q_codes.transpose(0, 2, 1, 3))  # [n, nb, M, 32]
+        k_codes = np.ascontiguousarray(k_codes.transpose(0, 2, 3, 1))  # [n, nb, 32, L]
+        # |sum| <= 32 * 127 * 127 < 2^24: float32 products of these integers are exact
+        isum = q_codes @ k_codes  # [n, nb, M, L]
+        # each block's integer sum times (d_q * d_k), summed over blocks in float32
+        out = np.multiply(q_d[:, :, 0, None], k_d[:, None, :, 0])
+        out *= isum[:, 0]
+        for b in range(1, isum.shape[1]):
+            term = np.multiply(q_d[:, :, b, None], k_d[:, None, :, b])
+            term *= isum[:, b]
+            out += term
+        return out
 
-        q8 = GGMLQuantizationType.Q8_0
-        q = self._quants.dequantize(self._quants.quantize(np.ascontiguousarray(q), q8), q8)
-        return q @ self.decode(stored).transpose(0, 2, 1)
+
+def _ggml_codes(data: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 / Q4_0 bytes ``uint8 [n, L, row_bytes]`` -> (codes ``float32 [n, L, nb, 32]``,
+    scales ``float32 [n, L, nb]``); Q4_0 codes as ``q - 8``, in ggml's element order."""
+    from . import quants
+
+    n, L = data.shape[:2]
+    if qtype == "Q8_0":
+        b = np.ascontiguousarray(data).view(quants.BLOCK_Q8_0).reshape(n, L, -1)
+        codes = b["qs"].astype(np.float32)
+    else:
+        b = np.ascontiguousarray(data).view(quants.BLOCK_Q4_0).reshape(n, L, -1)
+        qs = b["qs"]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32) - 8
+    return codes, b["d"].astype(np.float32)
 
 
 class AffineCodec(Codec):
@@ -354,7 +450,8 @@ class KVCache(CacheSizes):
 # Construction
 # ---------------------------------------------------------------------------------------------
 
-KV_TYPES = ("fp32", "fp16", "q8_0", "q4_0", "mlx_q8", "mlx_q4",
+GGML_TYPES = ("q8_0", "q4_0", "q8_0_norot", "q4_0_norot")  # llama.cpp's, see GGMLCodec
+KV_TYPES = ("fp32", "fp16", *GGML_TYPES, "mlx_q8", "mlx_q4",
             "turbo_kv_3b", "turbo_kv_4b", "turbo_kv_5b")
 TURBO_V_TYPES = ("fp16", "fp32", "q4", "q2")
 
@@ -364,8 +461,10 @@ def _codecs(kv: str, head_dim: int, v: str | None, score_path: str) -> tuple[Cod
         return Float32Codec(head_dim), Float32Codec(head_dim)
     if kv == "fp16":
         return Float16Codec(head_dim), Float16Codec(head_dim)
-    if kv in ("q8_0", "q4_0"):
-        return GGMLCodec(head_dim, kv), GGMLCodec(head_dim, kv)
+    if kv in GGML_TYPES:
+        base = kv[:4]
+        k_rot, v_rot = (0, 0) if kv.endswith("_norot") else rotation_sizes(head_dim)
+        return GGMLCodec(head_dim, base, k_rot, kv), GGMLCodec(head_dim, base, v_rot, kv)
     if kv in ("mlx_q8", "mlx_q4"):
         bits = int(kv[-1])
         return AffineCodec(head_dim, bits), AffineCodec(head_dim, bits)

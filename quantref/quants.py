@@ -405,6 +405,25 @@ def _quantize_q8_0(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
+def _quantize_q8_0_x86(blocks: np.ndarray) -> np.ndarray:
+    """float32 ``[n, 32]`` -> Q8_0 blocks ``[n]``, as ggml-cpu's x86 quantize_row_q8_0 (AVX,
+    AVX2, AVX-512: ``ggml/src/ggml-cpu/arch/x86/quants.c``): ``d = max / 127`` as in the
+    reference, but each weight is multiplied by ``127 / max`` (not ``1 / d``) and rounded half
+    to even (``_mm256_round_ps``), not half away from zero. This is what llama.cpp's CPU backend
+    runs when it writes a Q8_0 KV cache and converts a query for a Q8_0 / Q4_0 dot product.
+    """
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = np.where(amax == 0, np.float32(0), np.float32(127) / amax)
+    # 127 / max overflows for blocks below ~3.7e-37, whose d is float16 zero: the codes then
+    # do not matter to any product; write 0 as the reference quantizer does.
+    inv[np.isinf(inv)] = 0
+    out = np.empty(len(blocks), BLOCK_Q8_0)
+    out["d"] = (amax / np.float32(127))[:, 0]
+    out["qs"] = np.rint(blocks * inv)  # |v| <= 127 (+ rounding), exact in int8
+    return out
+
+
 def _quantize_q4_0(blocks: np.ndarray) -> np.ndarray:
     """float32 ``[n, 32]`` -> Q4_0 blocks ``[n]``, as ggml's quantize_row_q4_0_ref.
 
@@ -429,7 +448,7 @@ def _quantize_q4_0(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+def quantize(x: np.ndarray, qtype: GGMLQuantizationType, *, runtime: bool = False) -> np.ndarray:
     """Encode float weights: ``[..., row_elems]`` -> uint8 ``[..., row_bytes]``.
 
     ``x`` is rounded to float32 first (ggml quantizes float32). F32, F16 and BF16 are plain
@@ -437,6 +456,11 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     Q8_0 and Q4_0 raise ValueError naming the first non-finite element, since a block
     scale computed from it would be garbage; finite input gives gguf-py's bytes exactly,
     including float16 scale overflow to Inf for blocks beyond ~8e6 (Q8_0) / ~5e5 (Q4_0).
+
+    ``runtime=True``: Q8_0 as llama.cpp's CPU backend quantizes at run time on x86
+    (:func:`_quantize_q8_0_x86`: its KV cache and its queries), not as gguf-py and
+    ``quantize_row_q8_0_ref`` do; the two differ in rare elements that sit on a rounding tie.
+    Q4_0's run-time quantizer is the reference one, so the flag changes nothing there.
     """
     t = _qtype(qtype, "quantization")
     if t not in _QUANTIZABLE:
@@ -473,7 +497,10 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         raise ValueError(
             f"{t.name} quantization of non-finite input: first at index {_first_non_finite(x)}"
         )
-    encode = _quantize_q8_0 if t == QT.Q8_0 else _quantize_q4_0
+    if t == QT.Q8_0:
+        encode = _quantize_q8_0_x86 if runtime else _quantize_q8_0
+    else:
+        encode = _quantize_q4_0
     with np.errstate(over="ignore", under="ignore"):  # float16 scale over/underflow, as ggml
         blocks = encode(x.reshape(-1, elems))
     return blocks.view(np.uint8).reshape(out_shape)

@@ -15,11 +15,13 @@ from __future__ import annotations
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
-from quantref.cache import KV_TYPES, TURBO_V_TYPES, CacheSizes, check_options, kv_label
+from quantref.cache import (GGML_TYPES, KV_TYPES, TURBO_V_TYPES, CacheSizes, check_options,
+                            kv_label, rotation_sizes)
 
-__all__ = ["KV_TYPES", "TURBO_V_TYPES", "Codec", "KVCache", "StepCache", "kv_label",
-           "make_cache"]
+__all__ = ["GGML_TYPES", "KV_TYPES", "TURBO_V_TYPES", "Codec", "KVCache", "StepCache",
+           "hadamard", "kv_label", "make_cache", "rotation_sizes"]
 
 Stored = tuple[mx.array, ...]  # one codec's arrays, each [n_kv_heads, T, ...]
 STEP = 256  # buffer growth, in tokens
@@ -70,29 +72,70 @@ class Float16Codec(Codec):
         return stored[0].astype(mx.float32)
 
 
-class GGMLCodec(Codec):
-    """llama.cpp's Q8_0 / Q4_0 blocks (stored as codes + float16 scales), its query in Q8_0."""
+def hadamard(x: mx.array, n: int) -> mx.array:
+    """``x [..., m]`` -> each run of ``n`` values times the orthonormal ``n x n`` Walsh-Hadamard
+    matrix, float32, in the order llama.cpp's CPU backend computes it: the same operations as
+    :func:`quantref.cache.hadamard` (scale by ``1 / sqrtf(n)``, then butterflies at distances
+    1, 2, ... ``n / 2``), so the same bits."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {n}")
+    shape = x.shape
+    if shape[-1] % n:
+        raise ValueError(f"rows of {shape[-1]} values are not a whole number of {n}-runs")
+    scale = mx.array(np.float32(1) / np.sqrt(np.float32(n)))
+    y = x.astype(mx.float32).reshape(-1, n) * scale
+    half = 1
+    while half < n:
+        pairs = y.reshape(-1, n // (2 * half), 2, half)
+        u, v = pairs[:, :, 0], pairs[:, :, 1]
+        y = mx.stack([u + v, u - v], axis=2)
+        half *= 2
+    return y.reshape(shape)
 
-    def __init__(self, head_dim: int, qtype_name: str):
+
+class GGMLCodec(Codec):
+    """llama.cpp's Q8_0 / Q4_0 blocks (stored as codes + float16 scales) as its CPU backend
+    writes and reads them: see :class:`quantref.cache.GGMLCodec` (Hadamard rotation of
+    ``rotation`` values, run-time quantizer, the query in Q8_0 and integer block sums)."""
+
+    def __init__(self, head_dim: int, qtype_name: str, rotation: int = 0, name: str | None = None):
         from . import quants
 
         if head_dim % quants.QK:
-            raise ValueError(f"kv={qtype_name} needs head_dim divisible by {quants.QK}, "
+            raise ValueError(f"kv={name or qtype_name} needs head_dim divisible by {quants.QK}, "
                              f"got {head_dim}")
+        if rotation and head_dim % rotation:
+            raise ValueError(f"a rotation of {rotation} does not divide head_dim {head_dim}")
         super().__init__(head_dim)
-        self.name = self.qtype = qtype_name
+        self.qtype = qtype_name
+        self.name = name or qtype_name
+        self.rotation = rotation
         self.bits = 8.0 * (2 + (32 if qtype_name == "q8_0" else 16)) / 32
         self._quants = quants
 
+    def _rotate(self, x):
+        return hadamard(x, self.rotation) if self.rotation else x
+
     def encode(self, x):
-        return self._quants.quantize(x, self.qtype)
+        return self._quants.quantize(self._rotate(x), self.qtype, runtime=True)
 
     def decode(self, stored):
-        return self._quants.dequantize(*stored, self.qtype)
+        return self._rotate(self._quants.dequantize(*stored, self.qtype))
 
     def scores(self, q, stored):
-        q8 = self._quants.dequantize(*self._quants.quantize(q, "q8_0"), "q8_0")
-        return q8 @ self.decode(stored).transpose(0, 2, 1)
+        q_codes, q_d = self._quants.quantize(self._rotate(q), "q8_0", runtime=True)
+        k_codes, k_d = stored
+        k_codes = k_codes.astype(mx.float32)
+        if self.qtype == "q4_0":
+            k_codes = k_codes - 8.0
+        # [n, nb, M, 32] @ [n, nb, 32, L]: exact integer sums (below 2^24) in float32
+        isum = q_codes.astype(mx.float32).transpose(0, 2, 1, 3) @ k_codes.transpose(0, 2, 3, 1)
+        q_d, k_d = q_d.astype(mx.float32), k_d.astype(mx.float32)
+        out = None
+        for b in range(isum.shape[1]):  # each block's sum times (d_q * d_k), summed in float32
+            term = (q_d[:, :, b, None] * k_d[:, None, :, b]) * isum[:, b]
+            out = term if out is None else out + term
+        return out
 
 
 class AffineCodec(Codec):
@@ -376,8 +419,10 @@ def _codecs(kv: str, head_dim: int, v: str | None, score_path: str) -> tuple[Cod
         return Float32Codec(head_dim), Float32Codec(head_dim)
     if kv == "fp16":
         return Float16Codec(head_dim), Float16Codec(head_dim)
-    if kv in ("q8_0", "q4_0"):
-        return GGMLCodec(head_dim, kv), GGMLCodec(head_dim, kv)
+    if kv in GGML_TYPES:
+        base = kv[:4]
+        k_rot, v_rot = (0, 0) if kv.endswith("_norot") else rotation_sizes(head_dim)
+        return GGMLCodec(head_dim, base, k_rot, kv), GGMLCodec(head_dim, base, v_rot, kv)
     if kv in ("mlx_q8", "mlx_q4"):
         bits = int(kv[-1])
         return AffineCodec(head_dim, bits), AffineCodec(head_dim, bits)

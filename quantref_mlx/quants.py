@@ -5,7 +5,8 @@ scale ``d``; where NumPy packs them into ggml's bytes, the MLX cache keeps the t
 arrays (the same bits and the same size), and :func:`to_ggml_bytes` packs them for a
 byte-for-byte comparison with the oracle.
 
-- Q8_0: ``d = max|x| / 127``, ``q = roundf(x / d)`` (ties away from zero), decode ``q * d``.
+- Q8_0: ``d = max|x| / 127``, ``q = roundf(x / d)`` (ties away from zero), decode ``q * d``;
+  or as llama.cpp's x86 run time quantizes (``runtime=True``): ``q = rint(x * (127 / max))``.
 - Q4_0: ``d = m / -8`` with ``m`` the first weight of largest magnitude,
   ``q = min(15, trunc(x / d + 8.5))``, decode ``(q - 8) * d``.
 """
@@ -36,12 +37,20 @@ def _inverse(d: mx.array) -> tuple[mx.array, mx.array]:
     return mx.where(overflow, mx.array(0.0, mx.float32), inv), overflow
 
 
-def quantize(x: mx.array, qtype: str) -> tuple[mx.array, mx.array]:
+def quantize(x: mx.array, qtype: str, *, runtime: bool = False) -> tuple[mx.array, mx.array]:
     """``x [..., n]`` -> ``(codes [..., n/32, 32], d float16 [..., n/32])``.
 
-    Q8_0 codes are int8; Q4_0 codes are uint8 in 0..15.
+    Q8_0 codes are int8; Q4_0 codes are uint8 in 0..15. ``runtime=True``: Q8_0 as llama.cpp's
+    CPU backend quantizes at run time on x86 (its KV cache and its queries): each weight times
+    ``127 / max``, rounded half to even (``mx.round``); see
+    :func:`quantref.quants._quantize_q8_0_x86`. Q4_0 is the same either way.
     """
     b = _blocks(x)
+    if qtype == "q8_0" and runtime:
+        amax = mx.abs(b).max(axis=-1, keepdims=True)
+        inv = mx.where(amax == 0, mx.array(0.0, mx.float32), mx.array(127.0, mx.float32) / amax)
+        inv = mx.where(mx.isinf(inv), mx.array(0.0, mx.float32), inv)  # d is float16 0 there
+        return mx.round(b * inv).astype(mx.int8), (amax[..., 0] / 127.0).astype(mx.float16)
     if qtype == "q8_0":
         d = mx.abs(b).max(axis=-1, keepdims=True) / 127.0
         v = b * _inverse(d)[0]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import quantref
 from quantref import quants, turbo_kv
-from quantref.cache import KV_TYPES, make_cache
+from quantref.cache import KV_TYPES, hadamard, make_cache, rotation_sizes
 from quantref.testing import write_tiny_llama
 
 N_LAYERS, N_KV, HEAD_DIM = 2, 2, 64
@@ -48,12 +51,17 @@ def test_reads_back_through_the_formats_own_decoder(kv):
     c = _cache(kv)
     _feed(c, k, v, chunk=4)
     (kp, *_), _ = c.stored(0)
+    Q8, Q4 = quants.GGMLQuantizationType.Q8_0, quants.GGMLQuantizationType.Q4_0
+
+    def ggml(x, t):  # llama.cpp's run-time quantizer, then its dequantizer
+        return quants.dequantize(quants.quantize(x, t, runtime=True), t)
+
     want_k = {
         "fp32": lambda: k, "fp16": lambda: k.astype(np.float16).astype(np.float32),
-        "q8_0": lambda: quants.dequantize(quants.quantize(k, quants.GGMLQuantizationType.Q8_0),
-                                          quants.GGMLQuantizationType.Q8_0),
-        "q4_0": lambda: quants.dequantize(quants.quantize(k, quants.GGMLQuantizationType.Q4_0),
-                                          quants.GGMLQuantizationType.Q4_0),
+        # head_dim 64: K rotated by a 64-point Hadamard, read back rotated again (H @ H = I)
+        "q8_0": lambda: hadamard(ggml(hadamard(k, 64), Q8), 64),
+        "q4_0": lambda: hadamard(ggml(hadamard(k, 64), Q4), 64),
+        "q8_0_norot": lambda: ggml(k, Q8), "q4_0_norot": lambda: ggml(k, Q4),
     }
     if kv.startswith("turbo_kv_"):
         np.testing.assert_array_equal(kp, turbo_kv.quantize(k, kv))
@@ -131,6 +139,7 @@ def test_sizes_are_the_true_stored_sizes():
     k, v = _kv(7, 10)
     elems = N_LAYERS * N_KV * HEAD_DIM
     expect_bits = {"fp32": (32, 32), "fp16": (16, 16), "q8_0": (8.5, 8.5), "q4_0": (4.5, 4.5),
+                   "q8_0_norot": (8.5, 8.5), "q4_0_norot": (4.5, 4.5),
                    "mlx_q8": (8.5, 8.5), "mlx_q4": (4.5, 4.5),
                    # a 128-element block per 64-dim head: half of it unused, still stored
                    "turbo_kv_3b": (56 * 8 / 64, 16), "turbo_kv_4b": (72 * 8 / 64, 16),
@@ -147,6 +156,155 @@ def test_sizes_are_the_true_stored_sizes():
     _feed(c, k, v, chunk=10)
     assert c.bits_per_element[1] == turbo_kv.v_bytes("q4", HEAD_DIM) * 8 / HEAD_DIM
     assert c.nbytes == 10 * c.bytes_per_token + c.window_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's quantized caches: the Hadamard rotation (PR #21038) and the CPU dot product
+# ---------------------------------------------------------------------------------------------
+
+def _ggml_gen_hadamard(n: int) -> np.ndarray:
+    """ggml_gen_hadamard (``src/llama-kv-cache.cpp``), transcribed: the matrix llama.cpp fills."""
+    h = np.zeros((n, n), np.float32)
+    h[0, 0] = 1.0 / np.sqrt(np.float32(n))
+    s = 1
+    while s < n:
+        for i in range(s):
+            for j in range(s):
+                val = h[i, j]
+                h[i + s, j], h[i, j + s], h[i + s, j + s] = val, val, -val
+        s *= 2
+    return h
+
+
+def _ggml_fwht_row(row: np.ndarray) -> np.ndarray:
+    """ggml_compute_forward_fwht_impl (``ggml-cpu/ops.cpp``), transcribed element by element in
+    float32 scalars: what llama.cpp's CPU backend computes for one row."""
+    n = len(row)
+    scale = np.float32(1.0) / np.sqrt(np.float32(n))
+    dst = [np.float32(x) * scale for x in row]
+    length = 1
+    while length < n:
+        for i in range(0, n, 2 * length):
+            for j in range(length):
+                u, v = dst[i + j], dst[i + length + j]
+                dst[i + j], dst[i + length + j] = u + v, u - v  # FMA(u, v, -1) is exact u - v
+        length *= 2
+    return np.array(dst, np.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=hnp.arrays(np.float32, (3, 128),
+                       elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=False)),
+       n=st.sampled_from([64, 128]))
+def test_hadamard_is_ggmls_transform_bit_for_bit(rows, n):
+    got = hadamard(rows, n)
+    want = np.stack([np.concatenate([_ggml_fwht_row(r[i:i + n]) for i in range(0, 128, n)])
+                     for r in rows])
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    # and it is the product with the matrix llama.cpp generates (float64 product: only the
+    # float32 rounding of the butterflies differs, ~log2(n) ulps of the largest input)
+    h = _ggml_gen_hadamard(n).astype(np.float64)
+    exact = (rows.reshape(3, -1, n).astype(np.float64) @ h.T).reshape(3, 128)
+    tol = 8 * np.finfo(np.float32).eps * max(1.0, float(np.abs(rows).max())) * np.sqrt(n)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=tol)
+
+
+def test_hadamard_is_orthonormal_and_its_own_inverse():
+    x = np.random.default_rng(8).standard_normal((4, 7, 256)).astype(np.float32)
+    for n in (64, 128, 256):
+        y = hadamard(x, n)
+        # float32 butterflies: norms and the round trip hold to a few float32 ulps
+        np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(hadamard(y, n), x, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(x, 48)
+    with pytest.raises(ValueError, match="whole number"):
+        hadamard(x[..., :96], 64)
+
+
+def test_rotation_sizes_are_llama_cpps():
+    """llama_kv_cache: K by the largest power of two >= 64 dividing head_dim, V by 64, none
+    unless head_dim % 64 == 0 (build_input_k_rot / build_input_v_rot, attn_rot_k / _v)."""
+    assert rotation_sizes(64) == (64, 64)
+    assert rotation_sizes(128) == (128, 64)
+    assert rotation_sizes(192) == (64, 64)
+    assert rotation_sizes(256) == (256, 64)
+    assert rotation_sizes(320) == (64, 64)
+    assert rotation_sizes(96) == (0, 0) and rotation_sizes(32) == (0, 0)
+    c = make_cache("q4_0", n_layers=1, n_kv_heads=1, head_dim=32)  # too small: not rotated
+    assert (c.k_codec.rotation, c.v_codec.rotation) == (0, 0)
+    c = make_cache("q8_0", n_layers=1, n_kv_heads=1, head_dim=128)
+    assert (c.k_codec.rotation, c.v_codec.rotation) == (128, 64)
+    c = make_cache("q8_0_norot", n_layers=1, n_kv_heads=1, head_dim=128)
+    assert (c.k_codec.rotation, c.v_codec.rotation) == (0, 0)
+
+
+def test_runtime_q8_0_rounds_ties_to_even_as_x86_does():
+    """ggml-cpu's x86 quantize_row_q8_0 (what fills a Q8_0 KV cache and converts a query):
+    x * (127 / max), _mm256_round_ps to nearest even; the reference rounds ties away from 0."""
+    Q8 = quants.GGMLQuantizationType.Q8_0
+    block = np.zeros(32, np.float32)
+    block[:6] = [127, 2.5, -2.5, 3.5, 0.5, -1.5]  # max 127: the multiplier is exactly 1
+    codes = lambda b: b.view(quants.BLOCK_Q8_0)["qs"][0]  # noqa: E731
+    assert list(codes(quants.quantize(block, Q8, runtime=True))[:6]) == [127, 2, -2, 4, 0, -2]
+    assert list(codes(quants.quantize(block, Q8))[:6]) == [127, 3, -3, 4, 1, -2]
+    # the scale is the reference's: max / 127 in float16
+    assert quants.quantize(block, Q8, runtime=True)[:2].tobytes() == \
+        quants.quantize(block, Q8)[:2].tobytes()
+    # Q4_0's run-time quantizer is the reference one
+    x = np.random.default_rng(9).standard_normal((5, 64)).astype(np.float32)
+    Q4 = quants.GGMLQuantizationType.Q4_0
+    np.testing.assert_array_equal(quants.quantize(x, Q4, runtime=True), quants.quantize(x, Q4))
+
+
+@pytest.mark.parametrize("kv", ["q8_0", "q4_0", "q8_0_norot", "q4_0_norot"])
+def test_ggml_scores_are_llama_cpps_cpu_dot_products(kv):
+    """flash_attn_ext on the CPU: the query (rotated with K) is converted to Q8_0 by the run-time
+    quantizer; ggml_vec_dot_q{8,4}_0_q8_0 then sums each 32-block's integer products exactly and
+    scales it by d_q * d_k. Recomputed here row by row with Python integers and float64 sums."""
+    k, v = _kv(10, 6)
+    c = _cache(kv)
+    _feed(c, k, v, chunk=6)
+    q = np.random.default_rng(11).standard_normal((N_KV, 1, 3, HEAD_DIM)).astype(np.float32)
+    got = c.scores(0, q)[:, 0]  # [N_KV, 3, 6]
+    rot = 0 if kv.endswith("_norot") else 64
+    qr = hadamard(q[:, 0], rot) if rot else q[:, 0]
+    q8 = quants.quantize(qr, quants.GGMLQuantizationType.Q8_0, runtime=True)
+    qb = q8.view(quants.BLOCK_Q8_0)  # [N_KV, 3, 2]
+    (kbytes,), _ = c.stored(0)
+    if kv.startswith("q8_0"):
+        kb = kbytes.view(quants.BLOCK_Q8_0)
+        k_codes = kb["qs"].astype(np.int64)
+    else:
+        kb = kbytes.view(quants.BLOCK_Q4_0)
+        k_codes = np.concatenate([kb["qs"] & 15, kb["qs"] >> 4], axis=-1).astype(np.int64) - 8
+    for h in range(N_KV):
+        for i in range(3):
+            for j in range(6):
+                want = 0.0
+                for b in range(HEAD_DIM // 32):
+                    isum = int(np.dot(qb["qs"][h, i, b].astype(np.int64), k_codes[h, j, b]))
+                    d = np.float32(qb["d"][h, i, b]) * np.float32(kb["d"][h, j, b])
+                    want += isum * float(d)
+                # two float32 roundings of O(100) terms against a float64 sum: a few ulps
+                assert abs(got[h, i, j] - want) <= 4e-7 * max(1.0, abs(want)), (h, i, j)
+
+
+def test_rotation_changes_what_is_stored_not_what_is_meant():
+    """Rotated and unrotated caches store different blocks of the same keys; both read back
+    near the keys, and rotation spreads an outlier channel over the block (llama.cpp's reason
+    for it), so a q4_0 key with one large channel reads back far better rotated."""
+    k, v = _kv(12, 16)
+    k[..., 5] *= 40  # one outlier channel, as real keys have
+    rot, plain = _cache("q4_0"), _cache("q4_0_norot")
+    _feed(rot, k, v, chunk=16)
+    _feed(plain, k, v, chunk=16)
+    assert not np.array_equal(rot.stored(0)[0][0], plain.stored(0)[0][0])
+    err_rot = np.abs(rot.keys(0) - k).mean()
+    err_plain = np.abs(plain.keys(0) - k).mean()
+    # measured 0.52-0.64 of the unrotated error over six seeds; 0.75 leaves room for the seed
+    assert err_rot < 0.75 * err_plain, (err_rot, err_plain)
 
 
 def test_bad_options_are_refused():

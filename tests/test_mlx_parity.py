@@ -16,7 +16,7 @@ mx = pytest.importorskip("mlx.core")
 
 import quantref  # noqa: E402
 import quantref_mlx  # noqa: E402
-from quantref.cache import KV_TYPES  # noqa: E402
+from quantref.cache import GGML_TYPES, KV_TYPES  # noqa: E402
 from quantref.testing import write_tiny_llama  # noqa: E402
 from quantref_mlx import quants as mlx_quants  # noqa: E402
 
@@ -37,15 +37,15 @@ def _close(got, want, rel=REL):
 
 def _to_mlx_parts(kind: str, parts: tuple[np.ndarray, ...]) -> tuple:
     """NumPy stored form -> the MLX cache's stored form of the same bits."""
-    if kind in ("q8_0", "q4_0"):
-        return mlx_quants.from_ggml_bytes(parts[0], kind)
+    if kind in GGML_TYPES:
+        return mlx_quants.from_ggml_bytes(parts[0], kind[:4])
     return tuple(mx.array(p) for p in parts)
 
 
 def _stored_as_bytes(kind: str, parts) -> list[np.ndarray]:
     """Either half's stored arrays as raw bytes, for a byte-for-byte comparison."""
-    if kind in ("q8_0", "q4_0") and len(parts) == 2:  # MLX's (codes, d) pair
-        return [mlx_quants.to_ggml_bytes(*parts, kind)]
+    if kind in GGML_TYPES and len(parts) == 2:  # MLX's (codes, d) pair
+        return [mlx_quants.to_ggml_bytes(*parts, kind[:4])]
     return [np.ascontiguousarray(np.asarray(p)).view(np.uint8) for p in parts]
 
 
@@ -130,6 +130,32 @@ def test_layers_agree_when_reading_the_same_stored_bytes(pair, kv):
         np_cache.commit(T)
         mx_cache.commit(T)
     assert replay  # the replay really happened
+
+
+def test_hadamard_rotation_is_the_oracles_bit_for_bit():
+    from quantref.cache import hadamard as np_hadamard
+    from quantref_mlx.cache import hadamard as mx_hadamard
+
+    x = np.random.default_rng(3).standard_normal((3, 20, 256)).astype(np.float32) * 7
+    for n in (64, 128, 256):
+        got = np.array(mx_hadamard(mx.array(x), n))
+        np.testing.assert_array_equal(got.view(np.uint32), np_hadamard(x, n).view(np.uint32))
+
+
+@pytest.mark.parametrize("kv", GGML_TYPES)
+def test_ggml_scores_and_values_are_the_oracles(pair, kv):
+    """Given the same stored blocks, llama.cpp's dot product (rotated query in Q8_0, integer
+    block sums, float32 scale products) and the values read back agree: exact integer sums in
+    both; only the float32 order of two per-block terms may differ, a few ulps."""
+    m, mm = pair
+    rng = np.random.default_rng(4)
+    k = rng.standard_normal((2, 21, 64)).astype(np.float32)
+    q = rng.standard_normal((2, 2, 5, 64)).astype(np.float32)
+    np_cache, mx_cache = m.make_cache(kv), mm.make_cache(kv)
+    np_cache.append(0, k, k)
+    mx_cache.append(0, mx.array(k), mx.array(k))
+    _close(mx_cache.scores(0, mx.array(q)), np_cache.scores(0, q), rel=1e-6)
+    _close(mx_cache.values(0), np_cache.values(0), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
