@@ -258,6 +258,24 @@ def test_runtime_q8_0_rounds_ties_to_even_as_x86_does():
     np.testing.assert_array_equal(quants.quantize(x, Q4, runtime=True), quants.quantize(x, Q4))
 
 
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.float32, (4, 32), elements=st.floats(-1e3, 1e3, width=32)))
+def test_runtime_q8_0_differs_from_the_reference_only_at_rounding_ties(blocks):
+    Q8 = quants.GGMLQuantizationType.Q8_0
+    rt = quants.quantize(blocks, Q8, runtime=True).view(quants.BLOCK_Q8_0)
+    ref = quants.quantize(blocks, Q8).view(quants.BLOCK_Q8_0)
+    np.testing.assert_array_equal(rt["d"], ref["d"])
+    diff = rt["qs"].astype(int) - ref["qs"].astype(int)
+    assert np.abs(diff).max() <= 1
+    # where they differ, x * 127 / max sits on a tie, to the ulp by which 127 / max and
+    # 1 / (max / 127) may differ: within a few float32 ulps of k + 1/2
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = (blocks.astype(np.float64) * 127 / amax)[:, None, :]
+    frac = np.abs(np.abs(v) % 1 - 0.5)
+    assert np.all(frac[diff != 0] <= 4 * np.finfo(np.float32).eps * 128)
+
+
 @pytest.mark.parametrize("kv", ["q8_0", "q4_0", "q8_0_norot", "q4_0_norot"])
 def test_ggml_scores_are_llama_cpps_cpu_dot_products(kv):
     """flash_attn_ext on the CPU: the query (rotated with K) is converted to Q8_0 by the run-time
