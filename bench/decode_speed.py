@@ -5,6 +5,13 @@ MLX measured in the same run.
     python bench/decode_speed.py                       # the default model's shapes, random weights
     python bench/decode_speed.py --model PATH          # a real GGUF
     python bench/decode_speed.py --contexts 128,1024 --kv fp32,turbo_kv_4b --modes mlx,mlx-op
+    python bench/decode_speed.py --weights quantized --llama-bench B --llama-gguf G --mlx-lm
+
+``--llama-bench PATH --llama-gguf PATH`` runs llama.cpp's ``llama-bench`` on that GGUF (f16,
+q8_0 and q4_0 KV caches, flash attention, full offload) before and after quantref's rows, in
+the same process, and reports both runs' figures beside ours; ``--mlx-lm`` adds mlx-lm's Llama
+(``mlx_lm.models.llama``) with random weights of the same shapes and the same quantization, the
+MLX peer, decoding the way ``mlx_lm.generate`` does. One table, one machine, one run.
 
 At each context C a fresh cache is prefilled with C random tokens (prefill tokens/s: chunks of
 ``--chunk`` tokens, one evaluation per chunk), then ``--steps`` tokens are decoded greedily, one
@@ -152,6 +159,91 @@ def warm_up(models, kvs, chunk) -> None:
     mx.synchronize()
 
 
+def llama_bench(binary: str, gguf: str, contexts: list[int], steps: int,
+                prompt: int) -> list[dict]:
+    """llama.cpp's own figures: ``llama-bench`` decoding ``steps`` tokens after a context of
+    each of ``contexts`` tokens (its ``tg@dN``) and prefilling ``prompt`` tokens, with f16,
+    q8_0 and q4_0 KV caches (flash attention: llama.cpp needs it for a quantized V cache).
+    Rows as ours: ctx, kv, mode "llama.cpp", prefill, decode (tokens/s, the mean of 3 runs)."""
+    import subprocess
+
+    rows = []
+    for kv in ("f16", "q8_0", "q4_0"):
+        cmd = [binary, "-m", gguf, "-ngl", "99", "-fa", "1", "-ctk", kv, "-ctv", kv,
+               "-p", str(prompt), "-n", str(steps), "-d", ",".join(map(str, contexts)),
+               "-r", "3", "-o", "json"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+            records = json.loads(out.stdout)
+        except (subprocess.SubprocessError, OSError, ValueError) as e:
+            rows.append(dict(ctx=0, kv=kv, mode="llama.cpp", error=f"{type(e).__name__}: {e}"))
+            continue
+        for ctx in contexts:
+            gen = [r for r in records if r.get("n_gen") and r.get("n_depth") == ctx]
+            pp = [r for r in records if r.get("n_prompt") and r.get("n_depth") == ctx]
+            if gen:
+                rows.append(dict(ctx=ctx, kv=kv, mode="llama.cpp",
+                                 prefill=pp[0]["avg_ts"] if pp else float("nan"),
+                                 decode=gen[0]["avg_ts"],
+                                 build=gen[0].get("build_commit", "?"),
+                                 gpu=gen[0].get("gpu_info", "?")))
+    return rows
+
+
+def mlx_lm_model(np_model, bits: int, group_size: int = 32):
+    """mlx-lm's Llama with ``np_model``'s shapes and random weights, quantized as ours (its
+    ``nn.quantize``: ``bits`` bits, groups of ``group_size``; the embedding too)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    a = np_model.args
+    args = llama.ModelArgs(model_type="llama", hidden_size=a.dim, num_hidden_layers=a.n_layers,
+                           intermediate_size=a.hidden_dim, num_attention_heads=a.n_heads,
+                           num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+                           rms_norm_eps=a.norm_eps, vocab_size=a.vocab_size,
+                           rope_theta=a.rope_base, tie_word_embeddings=True)
+    model = llama.Model(args)
+    if bits:
+        nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def run_mlx_lm(model, ctx: int, steps: int, chunk: int) -> tuple[float, float]:
+    """Prefill and decode tokens/s of an mlx-lm model, as ``mlx_lm.generate`` runs it: a
+    ``KVCache`` per layer, prefill in chunks, then one token at a time with the next step
+    started (``mx.async_eval``) before this one's token is read back."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    rng = np.random.default_rng(ctx)
+    ids = mx.array(rng.integers(0, model.args.vocab_size, ctx).astype(np.int32))
+    cache = make_prompt_cache(model)
+    mx.eval(model(ids[None, :min(ctx, chunk)], cache=make_prompt_cache(model)))  # warm-up
+    t = time.perf_counter()
+    for s in range(0, ctx, chunk):
+        logits = model(ids[None, s:s + chunk], cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+    prefill = ctx / (time.perf_counter() - t)
+
+    def step(y):
+        return mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
+
+    y = mx.argmax(logits[:, -1, :], axis=-1)
+    for _ in range(2):
+        y = step(y)
+        y.item()
+    t = time.perf_counter()
+    for _ in range(steps):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    return prefill, steps / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF path (default: random weights of SmolLM2-135M's shapes)")
@@ -166,6 +258,10 @@ def main() -> None:
     ap.add_argument("--embed-bits", type=int, default=8,
                     help="... and their embedding (default 8: SmolLM2's file is Q4_1, Q8_0)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary: its rows too, run "
+                    "before and after ours")
+    ap.add_argument("--llama-gguf", help="the GGUF llama-bench runs (SmolLM2-135M's shapes)")
+    ap.add_argument("--mlx-lm", action="store_true", help="add mlx-lm's Llama, same shapes")
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
@@ -174,10 +270,30 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     kvs = [k for k in args.kv.split(",") if k]
 
+    if bool(args.llama_bench) != bool(args.llama_gguf):
+        sys.exit("--llama-bench and --llama-gguf go together")
     models, source = build(args)
     warm_up(models, kvs, args.chunk)
     rows = []
+    if args.llama_bench:  # before ours ...
+        for r in llama_bench(args.llama_bench, args.llama_gguf, contexts, args.steps, args.chunk):
+            rows.append(dict(r, mode="llama.cpp (before)"))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    peer = None
+    if args.mlx_lm:
+        from quantref.testing import random_model
+
+        peer = mlx_lm_model(random_model(seed=0), 0 if args.weights == "float" else args.bits)
     for ctx in contexts:
+        if peer is not None:
+            try:
+                prefill, decode = run_mlx_lm(peer, ctx, args.steps, args.chunk)
+                rows.append(dict(ctx=ctx, kv="fp16", mode="mlx-lm", prefill=prefill,
+                                 decode=decode))
+            except Exception as e:  # noqa: BLE001 - one failure must not lose the table
+                rows.append(dict(ctx=ctx, kv="fp16", mode="mlx-lm",
+                                 error=f"{type(e).__name__}: {e}"))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         for kv in kvs:
             for mode in args.modes:
                 if not applies(mode, kv):
@@ -194,23 +310,42 @@ def main() -> None:
                     rows.append(dict(ctx=ctx, kv=kv, mode=mode, error=f"{type(e).__name__}: {e}"))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
+    if args.llama_bench:  # ... and after
+        for r in llama_bench(args.llama_bench, args.llama_gguf, contexts, args.steps, args.chunk):
+            rows.append(dict(r, mode="llama.cpp (after)"))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
     print(f"machine: {machine()}")
+    llama = next((r for r in rows if r["mode"].startswith("llama.cpp") and "build" in r), None)
+    if llama:
+        print(f"llama.cpp: llama-bench build {llama['build']} on {llama['gpu']}, flash attention, "
+              f"-ngl 99, {args.llama_gguf}")
     layout = next((m.layout for k, m in models.items() if k.startswith("mlx")), "-")
     if layout == "quantized" and not args.model:
         layout += f" ({args.bits}-bit, embedding {args.embed_bits}-bit)"
     print(f"model:   {source}; MLX weights {layout}; decode steps {args.steps} (lazy MLX), "
           f"{args.slow_steps} (numpy, per-op MLX); prefill chunk {args.chunk}")
-    print("| context | KV | mode | prefill tok/s | decode tok/s | decode vs lazy MLX |")
-    print("|---|---|---|---|---|---|")
+    print("| context | KV | mode | prefill tok/s | decode tok/s | decode vs lazy MLX, same KV "
+          "| decode vs lazy MLX fp16 | decode vs llama.cpp q4_0 KV |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def find(ctx, kv, mode):
+        return next((x for x in rows if x["ctx"] == ctx and x["kv"] == kv
+                     and x["mode"] == mode and "error" not in x), None)
+
+    def ratio(r, ref):
+        return f"{r['decode'] / ref['decode']:.2f}x" if ref else "-"
+
     for r in rows:
         if "error" in r:
-            print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['error']} | | |")
+            print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['error']} | | | | |")
             continue
-        lazy = next((x for x in rows if x["ctx"] == r["ctx"] and x["kv"] == r["kv"]
-                     and x["mode"] == "mlx" and "error" not in x), None)
-        ratio = f"{r['decode'] / lazy['decode']:.2f}x" if lazy else "-"
+        q4 = [x for x in rows if x["ctx"] == r["ctx"] and x["kv"] == "q4_0" and "error" not in x
+              and x["mode"].startswith("llama.cpp")]
+        best_q4 = max(q4, key=lambda x: x["decode"]) if q4 else None  # the faster of its runs
         print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['prefill']:.0f} | "
-              f"{r['decode']:.1f} | {ratio} |")
+              f"{r['decode']:.1f} | {ratio(r, find(r['ctx'], r['kv'], 'mlx'))} | "
+              f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'))} | {ratio(r, best_q4)} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

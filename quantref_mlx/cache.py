@@ -185,7 +185,11 @@ class TurboKeyCodec(Codec):
         return self._tkv.dequantize(stored[0], self.kind, self.head_dim)
 
     def scores(self, q, stored):
-        return self._tkv.scores(q, stored[0], self.kind, self.head_dim, path=self.score_path)
+        if self.score_path == "dequant":
+            return self._tkv.scores(q, stored[0], self.kind, self.head_dim, path="dequant")
+        # the same function as turbo_kv.scores, compiled (traced per shape: see KVCache.scores)
+        return self._tkv._codebook_scores(self.kind, self.head_dim, self.score_path,
+                                          compiled=True)(q, stored[0])
 
 
 class TurboValueCodec(Codec):
@@ -258,6 +262,9 @@ class KVCache(CacheSizes):
         self._k = [_Buffer() for _ in range(n_layers)]
         self._v = [_Buffer() for _ in range(n_layers)]
         self._k_exact: list[mx.array | None] = [None] * n_layers
+        # While a fused decode step holds the k-window (take_window), its float keys live in
+        # rings [n_kv_heads, k_window, head_dim], position p in slot p % k_window.
+        self._rings: list[mx.array] | None = None
         self._sync = sync or (lambda a: a)
 
     @property
@@ -280,6 +287,7 @@ class KVCache(CacheSizes):
     def append(self, layer: int, k: mx.array, v: mx.array) -> None:
         """Store this chunk's ``k, v float32 [n_kv_heads, T, head_dim]`` for ``layer``."""
         T = k.shape[1]
+        self._unring()
         self._k[layer].write(self.length, tuple(self._sync(p) for p in self.k_codec.encode(k)))
         self._v[layer].write(self.length, tuple(self._sync(p) for p in self.v_codec.encode(v)))
         if self.k_window:
@@ -294,7 +302,13 @@ class KVCache(CacheSizes):
         n_kv, n_groups, T, d = q.shape
         L = self.length + self._pending[layer]
         rows = q.reshape(n_kv, n_groups * T, d)
-        s = self.k_codec.scores(rows, self._k[layer].view(L)).reshape(n_kv, n_groups, T, L)
+        if getattr(self.k_codec, "score_path", "dequant") != "dequant":
+            # turbo_kv's codebook scores are a compiled function, traced per shape: read the
+            # whole buffer (its capacity grows every STEP tokens), then keep the first L
+            full = tuple(self._k[layer].arrays)
+            s = self.k_codec.scores(rows, full)[..., :L].reshape(n_kv, n_groups, T, L)
+        else:
+            s = self.k_codec.scores(rows, self._k[layer].view(L)).reshape(n_kv, n_groups, T, L)
         if self.k_window:
             exact = self._k_exact[layer]  # positions lo .. L-1
             lo = L - exact.shape[1]
@@ -331,6 +345,7 @@ class KVCache(CacheSizes):
         for b in self._k + self._v:
             out.extend(b.arrays or [])
         out.extend(e for e in self._k_exact if e is not None)
+        out.extend(self._rings or [])
         return out
 
     # Compiled decode steps -------------------------------------------------------------------
@@ -361,6 +376,41 @@ class KVCache(CacheSizes):
         for b, parts in zip(self._k + self._v, list(k) + list(v)):
             b.arrays = list(parts)
         self.length += n
+
+    def take_window(self) -> list[mx.array]:
+        """The k-window's float keys per layer, for a fused decode step to read and extend in
+        place: rings ``float32 [n_kv_heads, k_window, head_dim]``, position ``p`` in slot
+        ``p % k_window`` (needs a k-window and at least one committed token). The cache keeps
+        them, and rebuilds its own view of the window from them when it next needs it."""
+        if not self.k_window or not self.length:
+            raise ValueError("take_window needs a k-window and a prefilled cache")
+        if self._rings is None:
+            W, n = self.k_window, min(self.k_window, self.length)
+            # the window holds positions length - n .. length - 1; when n < W they are 0 .. n-1
+            slots = np.arange(self.length - n, self.length) % W
+            rings = []
+            for e in self._k_exact:  # [n_kv_heads, n, head_dim], committed keys only
+                # Built on the host, once per decoder: a fresh array that owns its memory, so
+                # that the kernel's writes into it land in the array the cache holds (an array
+                # still to be computed by MLX may be handed to a kernel as a copy).
+                ring = np.zeros((e.shape[0], W, e.shape[2]), np.float32)
+                ring[:, slots] = np.asarray(e)
+                rings.append(mx.array(ring))
+            self._rings, self._k_exact = rings, [None] * self.n_layers
+        return self._rings
+
+    def give_window(self, rings: list[mx.array]) -> None:
+        """Adopt the rings a fused step wrote (:meth:`take_window`)."""
+        self._rings = list(rings)
+
+    def _unring(self) -> None:
+        """The window back in position order (``_k_exact``) when a fused step held it."""
+        if self._rings is None:
+            return
+        n = min(self.k_window, self.length)
+        idx = mx.array((np.arange(self.length - n, self.length) % self.k_window).astype(np.int32))
+        self._k_exact = [mx.take(r, idx, axis=1) for r in self._rings]
+        self._rings = None
 
     def __repr__(self) -> str:
         return f"quantref_mlx.KVCache({kv_label(self)}, {self.length} tokens)"

@@ -41,17 +41,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
+from quantref import turbo_kv as tk
+
+from . import kernels
+
 if TYPE_CHECKING:
     from .cache import KVCache
     from .model import Linear, Model
 
-__all__ = ["FusedStep", "position", "supported"]
+__all__ = ["FusedStep", "TurboSpec", "position", "supported"]
 
 WARP = 32
 ATTEND_WARPS = 16  # warps per query head in ``attend``: keys are split among them
@@ -62,391 +67,36 @@ ROWS_THREADS = 128  # threads per block in the matrix-vector kernels (one warp p
 FFN_UNITS = 32  # hidden units per block of ``ffn`` (a whole group of the down projection's)
 FFN_WARPS = 16  # warps per block of ``ffn``
 
-_HEADER = r"""
-__device__ __forceinline__ float fd_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-template <typename T> __device__ __forceinline__ float fd_f(T v) { return static_cast<float>(v); }
-template <typename T> __device__ __forceinline__ void fd_store(T* p, float v) { *p = static_cast<T>(v); }
-/* four consecutive elements as floats: one 16-byte load for float32 */
-template <typename T> __device__ __forceinline__ float4 fd_load4(const T* p) {
-    if constexpr (sizeof(T) == 4) {
-        return *reinterpret_cast<const float4*>(p);
-    } else {
-        return make_float4(fd_f(p[0]), fd_f(p[1]), fd_f(p[2]), fd_f(p[3]));
-    }
-}
-/* x [IN] (times nw elementwise when nw is given, *ss receiving sum(x^2)), EPW elements at i,
-   into v[EPW]. */
-template <int EPW>
-__device__ __forceinline__ void fd_x(const float* x, const float* nw, int i, float* v, float* sq) {
-#pragma unroll
-    for (int e = 0; e < EPW; e += 4) {
-        float4 b = *reinterpret_cast<const float4*>(x + i + e);
-        if (nw != nullptr) {
-            *sq += b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
-            const float4 g = *reinterpret_cast<const float4*>(nw + i + e);
-            b.x *= g.x; b.y *= g.y; b.z *= g.z; b.w *= g.w;
-        }
-        v[e] = b.x; v[e + 1] = b.y; v[e + 2] = b.z; v[e + 3] = b.w;
-    }
-}
-/* Code e (0 .. 32 / BITS - 1) of a packed word, as a float. */
-template <int BITS> __device__ __forceinline__ float fd_code(uint32_t word, int e) {
-    return (float)((word >> (BITS * e)) & ((1u << BITS) - 1u));
-}
-/* Row r of W [*, IN] dotted with v: the EPW elements at i. BITS 0: W is float (float32 or
-   float16); BITS 4 or 8: W is MLX's packed uint32 codes [*, IN * BITS / 32] (word i / EPW holds
-   elements i .. i + EPW - 1, the first in the low bits) with float32 scales and biases
-   [*, IN / 32], and each weight is scale * code + bias, exactly the dequantized float32 value
-   (the product is exact: a float16 scale times a code of at most 8 bits). */
-template <int IN, int BITS, int EPW, typename WT>
-__device__ __forceinline__ float fd_dot(const WT* w, const float* sc, const float* bi, int r,
-                                        int i, const float* v) {
-    float a = 0.0f;
-    if constexpr (BITS == 0) {
-        const float4 c = fd_load4(w + (size_t)r * IN + i);
-        a = c.x * v[0] + c.y * v[1] + c.z * v[2] + c.w * v[3];
-    } else {
-        const uint32_t code = w[(size_t)r * (IN / EPW) + i / EPW];
-        const float s = sc[(size_t)r * (IN / 32) + i / 32];
-        const float b = bi[(size_t)r * (IN / 32) + i / 32];
-#pragma unroll
-        for (int e = 0; e < EPW; ++e) a += fmaf(s, fd_code<BITS>(code, e), b) * v[e];
-    }
-    return a;
-}
-/* Element (r, i) of W [*, IN] (a weight as in fd_dot) as float32. */
-template <int IN, int BITS, typename WT>
-__device__ __forceinline__ float fd_weight(const WT* w, const float* sc, const float* bi,
-                                           size_t r, int i) {
-    if constexpr (BITS == 0) {
-        return fd_f(w[r * IN + i]);
-    } else {
-        constexpr int EPW = 32 / BITS;
-        const float q = fd_code<BITS>(w[r * (IN / EPW) + i / EPW], i % EPW);
-        return fmaf(sc[r * (IN / 32) + i / 32], q, bi[r * (IN / 32) + i / 32]);
-    }
-}
-/* Rows r0 and r1 of W [*, IN] times x [IN], summed across the warp (every lane gets the
-   sums), in one pass over x: with nw given, x is taken times nw elementwise and *ss receives
-   sum(x^2) for RMSNorm, whose 1 / sqrt(mean + eps) then scales the sums (the same product as
-   normalizing first, in another order). A lane takes EPW consecutive elements at a time (4
-   floats, or one packed word); the loop has a constant trip count, so every load of a lane is
-   issued before the first one returns: this kernel is bound by memory latency. */
-template <int IN, int NROWS, int BITS, typename WT>
-__device__ __forceinline__ void fd_rows_dot(const WT* w, const float* sc, const float* bi,
-                                            int r0, int r1, const float* x, const float* nw,
-                                            float* y, float* ss, int lane) {
-    constexpr int EPW = BITS == 0 ? 4 : 32 / BITS;
-    float a0 = 0.0f, a1 = 0.0f, sq = 0.0f;
-#pragma unroll
-    for (int i = EPW * lane; i < IN; i += 32 * EPW) {
-        float v[EPW];
-        fd_x<EPW>(x, nw, i, v, &sq);
-        a0 += fd_dot<IN, BITS, EPW>(w, sc, bi, r0, i, v);
-        if (NROWS == 2) a1 += fd_dot<IN, BITS, EPW>(w, sc, bi, r1, i, v);
-    }
-    y[0] = fd_sum(a0);
-    if (NROWS == 2) y[1] = fd_sum(a1);
-    if (nw != nullptr) *ss = fd_sum(sq);
-}
-/* Write through a pointer MLX hands over as an input (see _ATTEND: the cache's buffers). */
-template <typename T> __device__ __forceinline__ void fd_poke(const T* p, T v) {
-    *const_cast<T*>(p) = v;
-}
-__device__ __forceinline__ float fd_inv_rms(float ss, int n, float eps) {
-    return rsqrtf(ss / (float)n + eps);
-}
-/* A matrix-vector product split by columns among the blocks of a launch, with its residual,
-   finished by the block that ends last: this block's columns c0 .. c0 + NCOLS - 1 of W [OUT, IN]
-   (a weight as in fd_dot) times v [NCOLS] (shared memory) go to part[slot] [OUT] of the
-   scratch buffer part [NSLOTS * OUT + 4], then a counter (uint32) in element NSLOTS * OUT; the last
-   of the NSLOTS blocks to count itself there writes out = r + the sum of every slot's part,
-   in slot order, so that the result does not depend on which block finished when (the
-   "threadFenceReduction" pattern of CUDA's samples), and sets *counter back to 0 for the next
-   launch. No block waits for another, so any number of blocks may run. The scratch buffer is
-   the step's own, written in place (one input, not two: each input of a kernel costs MLX host
-   time on every launch). Called by every thread of the block. */
-template <int OUT, int IN, int NCOLS, int NSLOTS, int BITS, typename WT>
-__device__ void fd_project(const WT* w, const float* sc, const float* bi, int c0, const float* v,
-                           int slot, const float* part, const float* r, float* out) {
-    uint32_t* counter = reinterpret_cast<uint32_t*>(const_cast<float*>(part) + NSLOTS * OUT);
-    constexpr int EPW = BITS == 0 ? 4 : 32 / BITS;
-    float* mine = const_cast<float*>(part) + (size_t)slot * OUT;
-    for (int row = (int)threadIdx.x; row < OUT; row += (int)blockDim.x) {
-        float a = 0.0f;
-#pragma unroll
-        for (int i = 0; i < NCOLS; i += EPW) a += fd_dot<IN, BITS, EPW>(w, sc, bi, row, c0 + i, v + i);
-        mine[row] = a;
-    }
-    __shared__ bool fd_last;
-    __threadfence();  /* this block's part is visible to all before the block counts itself */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        fd_last = atomicAdd(counter, 1u) == (uint32_t)(NSLOTS - 1);
-    }
-    __syncthreads();
-    if (!fd_last) return;
-    __threadfence();
-    for (int row = (int)threadIdx.x; row < OUT; row += (int)blockDim.x) {
-        float a = 0.0f;
-#pragma unroll  /* every load in flight at once: a loop of dependent loads would take ~0.4 us
-                   a slot */
-        for (int s = 0; s < NSLOTS; ++s) a += __ldcg(part + (size_t)s * OUT + row);  /* from L2 */
-        out[row] = r[row] + a;
-    }
-    if (threadIdx.x == 0) *counter = 0u;
-}
-"""
-
-# One warp per output unit. Inputs: x float32 [IN], nw float32 [IN] (the norm's weight), the
-# weight w [ROWS, IN] (with scales, biases when quantized: see fd_dot); template IN, UNITS,
-# BITS (0: a float weight).
-_PRELUDE = """
-    const int unit = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
-    const int lane = (int)(threadIdx.x & 31);
-    if (unit >= UNITS) return;
-"""
-
-# Logits: RMSNorm then W x. Output out float32 [UNITS].
-_NORM_MATVEC = _PRELUDE + """
-    float y[2], ss;
-    fd_rows_dot<IN, 1, BITS>(w, FD_QUANT, unit, unit, x, nw, y, &ss, lane);
-    if (lane == 0) out[unit] = y[0] * fd_inv_rms(ss, IN, FD_EPS);
-"""
-
-# The feed-forward half of a layer: out = x + W2 (silu(g) * u), with g, u the gate and up rows
-# of W times RMSNorm(x). Block b takes hidden units b * SL .. b * SL + SL - 1 (unit u: gate row
-# u, up row H + u), one warp per unit at a time, then its SL columns of the down projection W2
-# [IN, H] (fd_project; scratch part [H / SL * IN + 4]). Inputs x float32 [IN], nw [IN],
-# w (gate|up [2H, IN]), w2; template IN, H, SL, BITS, BITS2.
-_FFN = """
-    const int warp = (int)(threadIdx.x >> 5);
-    const int lane = (int)(threadIdx.x & 31);
-    __shared__ float sm_h[SL];
-    for (int u = warp; u < SL; u += (int)(blockDim.x >> 5)) {
-        const int unit = (int)blockIdx.x * SL + u;
-        float y[2], ss;
-        fd_rows_dot<IN, 2, BITS>(w, FD_QUANT, unit, H + unit, x, nw, y, &ss, lane);
-        if (lane == 0) {
-            const float inv = fd_inv_rms(ss, IN, FD_EPS);
-            const float g = y[0] * inv;
-            sm_h[u] = g / (1.0f + expf(-g)) * (y[1] * inv);
-        }
-    }
-    __syncthreads();
-    fd_project<IN, H, SL, H / SL, BITS2>(w2, FD_QUANT2, (int)blockIdx.x * SL, sm_h,
-                                         (int)blockIdx.x, part, x, out);
-"""
-
-# Q|K|V with RoPE: unit p is rows 2p and 2p + 1, an adjacent pair (GGUF Llama's RoPE form).
-# Extra inputs: pos int32 [4] (this token's position, in pos[0]), inv_freq float32 [HD / 2] (0 past the
-# rotated dimensions: the identity). Outputs q float32 [Q_ROWS], kv [KV_ROWS] in the cache's
-# dtype (k then v). Template HD, Q_ROWS (n_heads * head_dim), QK_ROWS (the rows RoPE turns).
-_NORM_QKV_ROPE = _PRELUDE + """
-    const int r0 = 2 * unit;
-    float y[2], ss;
-    fd_rows_dot<IN, 2, BITS>(w, FD_QUANT, r0, r0 + 1, x, nw, y, &ss, lane);
-    if (lane != 0) return;
-    const float inv = fd_inv_rms(ss, IN, FD_EPS);
-    float y0 = y[0] * inv;
-    float y1 = y[1] * inv;
-    if (r0 < QK_ROWS) {
-        const float theta = (float)pos[0] * inv_freq[(r0 % HD) / 2];
-        float s, c;
-        sincosf(theta, &s, &c);
-        const float a = y0 * c - y1 * s;
-        y1 = y0 * s + y1 * c;
-        y0 = a;
-    }
-    if (r0 < Q_ROWS) {
-        q[r0] = y0;
-        q[r0 + 1] = y1;
-    } else {
-        fd_store(kv + (r0 - Q_ROWS), y0);
-        fd_store(kv + (r0 - Q_ROWS + 1), y1);
-    }
-"""
-
-# Decode attention, one block of NW warps per query head. Inputs q float32 [NH * HD], kv
-# [2 * NKV * HD] (this token's k then v, in the cache's dtype), kc / vc [NKV, CAP, HD] (the
-# cache's buffers, positions < pos filled), pos int32 [4] (in pos[0]). Output out float32
-# [NH * HD]. Each warp keeps an online softmax over its keys (t = warp, warp + NW, ...), U keys
-# at a time so that their loads are in flight together; the warps' partial results merge at
-# the end. This token's k and v are read from kv, and the first query head of each KV group
-# writes them into kc / vc at pos: in place, which is what a slice update of a buffer the
-# decoder owns does (donated), without its two extra kernels per buffer and layer.
-_ATTEND = """
-    const int S = (int)gridDim.x / NH;  /* splits per head: a launch parameter, not a template
-                                            one, so that a new capacity compiles nothing */
-    const int h = (int)blockIdx.x / S;
-    const int split = (int)blockIdx.x % S;
-    const int g = h / (NH / NKV);
-    const int warp = (int)(threadIdx.x >> 5);
-    const int lane = (int)(threadIdx.x & 31);
-    const int L = pos[0] + 1;
-    const int chunk = (L + S - 1) / S;
-    const int lo = split * chunk;
-    const int hi = min(L, lo + chunk);
-    const int cap = kc_shape[1];
-    const float NEG_INF = __int_as_float(0xff800000);
-    __shared__ float sm_m[NW];
-    __shared__ float sm_l[NW];
-    __shared__ float sm_acc[NW * HD];
-    if (split == 0 && h % (NH / NKV) == 0 && (int)threadIdx.x < HD) {
-        const size_t at = ((size_t)g * cap + (L - 1)) * HD + threadIdx.x;
-        fd_poke(kc + at, kv[g * HD + threadIdx.x]);
-        fd_poke(vc + at, kv[(NKV + g) * HD + threadIdx.x]);
-    }
-    float qv[DPL];
-    float acc[DPL];
-#pragma unroll
-    for (int d = 0; d < DPL; ++d) {
-        qv[d] = q[h * HD + lane * DPL + d] * FD_SCALE;
-        acc[d] = 0.0f;
-    }
-    float m = NEG_INF;
-    float l = 0.0f;
-    const size_t base = (size_t)g * cap * HD + lane * DPL;
-    for (int t0 = lo + warp; t0 < hi; t0 += NW * U) {
-        float s[U];
-        float vv[U][DPL];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int t = t0 + u * NW;
-            s[u] = 0.0f;
-            if (t < hi) {  /* uniform across the warp */
-                const bool last = t == L - 1;  /* this token: from kv, not yet in the cache */
-                const auto* kp = last ? kv + g * HD + lane * DPL : kc + base + (size_t)t * HD;
-                const auto* vp = last ? kv + (NKV + g) * HD + lane * DPL
-                                      : vc + base + (size_t)t * HD;
-#pragma unroll
-                for (int d = 0; d < DPL; ++d) {
-                    s[u] += qv[d] * fd_f(kp[d]);
-                    vv[u][d] = fd_f(vp[d]);
-                }
-            }
-        }
-        float mn = m;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            s[u] = fd_sum(s[u]);
-            if (t0 + u * NW < hi) mn = fmaxf(mn, s[u]);
-        }
-        const float c = expf(m - mn);  /* 0 on a warp's first keys (m = -inf) */
-        l *= c;
-#pragma unroll
-        for (int d = 0; d < DPL; ++d) acc[d] *= c;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (t0 + u * NW < hi) {
-                const float p = expf(s[u] - mn);
-                l += p;
-#pragma unroll
-                for (int d = 0; d < DPL; ++d) acc[d] += p * vv[u][d];
-            }
-        }
-        m = mn;
-    }
-    if (lane == 0) {
-        sm_m[warp] = m;
-        sm_l[warp] = l;
-    }
-#pragma unroll
-    for (int d = 0; d < DPL; ++d) sm_acc[warp * HD + lane * DPL + d] = acc[d];
-    __syncthreads();
-    if ((int)threadIdx.x < HD) {
-        float M = NEG_INF;
-        for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w]);
-        float total = 0.0f;
-        float o = 0.0f;
-        for (int w = 0; w < NW; ++w) {
-            if (sm_m[w] == NEG_INF) continue;  /* a warp that had no key */
-            const float e = expf(sm_m[w] - M);
-            total += sm_l[w] * e;
-            o += sm_acc[w * HD + threadIdx.x] * e;
-        }
-        FD_ATTEND_STORE
-    }
-    FD_ATTEND_AFTER
-"""
-
-# The head's output o [HD], then the output projection and residual: out = r + W o over all
-# heads, W [DIM, NH * HD] the weight w (fd_project: scratch part [NH * DIM + 4]).
-_PROJECT_HEADS = """
-    __syncthreads();
-    fd_project<DIM, NH * HD, HD, NH, BITS>(w, FD_QUANT, h * HD, sm_o, h, part, r, out);
-"""
-
-# One block per head (S = 1), projected: out float32 [DIM] (extra inputs w, r, part).
-_ATTEND_PROJECT = ("    __shared__ float sm_o[HD];\n" + _ATTEND
-                   .replace("FD_ATTEND_STORE", "sm_o[threadIdx.x] = o / total;")
-                   .replace("FD_ATTEND_AFTER", _PROJECT_HEADS))
-
-# S blocks per head: each writes its split's unnormalized sum, max and total, out float32
-# [NH * S, HD + 2], for _ATTEND_MERGE_PROJECT.
-_ATTEND_SPLIT = (_ATTEND.replace("FD_ATTEND_STORE", """float* mine = out + (size_t)blockIdx.x * (HD + 2);
-        mine[threadIdx.x] = o;
-        if (threadIdx.x == 0) {
-            mine[HD] = M;
-            mine[HD + 1] = total;
-        }""").replace("FD_ATTEND_AFTER", ""))
-
-# The S partial results of each query head (splits [NH * S, HD + 2]) merged, then projected as
-# in _ATTEND_PROJECT: out float32 [DIM]. One block per head.
-_ATTEND_MERGE_PROJECT = """
-    const int h = (int)blockIdx.x;
-    const int d = (int)threadIdx.x;
-    const int S = (int)(splits_shape[0] / ((int)gridDim.x * (HD + 2)));
-    const float NEG_INF = __int_as_float(0xff800000);
-    __shared__ float sm_o[HD];
-    if (d < HD) {
-        const float* p = splits + (size_t)h * S * (HD + 2);
-        float M = NEG_INF;
-        for (int s = 0; s < S; ++s) M = fmaxf(M, p[s * (HD + 2) + HD]);
-        float total = 0.0f;
-        float o = 0.0f;
-        for (int s = 0; s < S; ++s) {
-            const float m = p[s * (HD + 2) + HD];
-            if (m == NEG_INF) continue;  /* a split that had no key */
-            const float e = expf(m - M);
-            total += p[s * (HD + 2) + HD + 1] * e;
-            o += p[s * (HD + 2) + d] * e;
-        }
-        sm_o[d] = o / total;
-    }
-""" + _PROJECT_HEADS
-
-# The embedding: row token[0] of w [*, IN] (a weight as in fd_dot) as float32, out [IN].
-_EMBED = """
-    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (i >= IN) return;
-    out[i] = fd_weight<IN, BITS>(w, FD_QUANT, (size_t)token[0], i);
-"""
-
-# name: (source, inputs, outputs). "w" and "w2" stand for a weight's arrays: w alone for a float
-# weight; w, scales, biases (w2, scales2, biases2) for a quantized one.
+# The kernels' sources are files, one per kernel (quantref_mlx/kernels/*.cu: each opens with
+# what it computes, its grid and block, and its inputs and outputs); fused_common.cuh holds the
+# helpers they share. name: (file, #defines, inputs, outputs). "w" and "w2" stand for a weight's
+# arrays: w alone for a float weight; w, scales, biases (w2, scales2, biases2) for a quantized
+# one. "kw" (the k-window's float keys) is an input only when the cache has a k-window.
 _KERNELS = {
-    "embed": (_EMBED, ["token", "w"], ["out"]),
-    "norm_matvec": (_NORM_MATVEC, ["x", "nw", "w"], ["out"]),
-    "norm_qkv_rope": (_NORM_QKV_ROPE, ["x", "nw", "w", "pos", "inv_freq"], ["q", "kv"]),
-    "attend_project": (_ATTEND_PROJECT, ["q", "kv", "kc", "vc", "pos", "w", "r", "part"],
-                       ["out"]),
-    "attend_split": (_ATTEND_SPLIT, ["q", "kv", "kc", "vc", "pos"], ["out"]),
-    "attend_merge_project": (_ATTEND_MERGE_PROJECT, ["splits", "w", "r", "part"],
-                             ["out"]),
-    "ffn": (_FFN, ["x", "nw", "w", "w2", "part"], ["out"]),
+    "embed": ("embed.cu", "", ["token", "w"], ["out"]),
+    "norm_matvec": ("norm_matvec.cu", "", ["x", "nw", "w"], ["out"]),
+    "norm_qkv_rope": ("norm_qkv_rope.cu", "", ["x", "nw", "w", "pos", "inv_freq"], ["q", "kv"]),
+    "attend_project": ("attend.cu", "#define FD_SPLIT 0\n",
+                       ["q", "kv", "kc", "vc", "pos", "w", "r", "part"], ["out"]),
+    "attend_split": ("attend.cu", "#define FD_SPLIT 1\n", ["q", "kv", "kc", "vc", "pos"], ["out"]),
+    "attend_merge_project": ("attend_merge_project.cu", "", ["splits", "w", "r", "part"], ["out"]),
+    "turbo_attend_project": ("turbo_attend.cu", "#define FD_SPLIT 0\n",
+                             ["q", "kv", "kc", "vc", "kw", "pos", "w", "r", "part"], ["out"]),
+    "turbo_attend_split": ("turbo_attend.cu", "#define FD_SPLIT 1\n",
+                           ["q", "kv", "kc", "vc", "kw", "pos"], ["out"]),
+    "turbo_attend_scores": ("turbo_attend.cu", "#define FD_SPLIT 1\n#define FD_SCORES 1\n",
+                            ["q", "kv", "kc", "vc", "kw", "pos"], ["out", "scores"]),
+    "ffn": ("ffn.cu", "", ["x", "nw", "w", "w2", "part"], ["out"]),
 }
 
 
 @lru_cache(maxsize=None)
-def _kernel(which: str, eps: float, scale: float, quantized: tuple[bool, ...] = ()):
+def _kernel(which: str, eps: float, scale: float, quantized: tuple[bool, ...] = (),
+            turbo: "TurboSpec | None" = None):
     """The kernel ``which``, with RMSNorm's epsilon and the attention scale compiled in, for
     float or quantized weights: ``quantized[0]`` (``[1]``) says whether the inputs ``scales``
-    and ``biases`` (``scales2``, ``biases2``) follow ``w`` (``w2``).
+    and ``biases`` (``scales2``, ``biases2``) follow ``w`` (``w2``); ``turbo``: the turbo_kv
+    cache's constants (its kind's tables, whether it has a k-window), for ``turbo_attend_*``.
 
     Constants, not inputs: MLX on CUDA keeps arrays under 8 bytes in one small pool of managed
     memory, which the host touches on every token (it reads the sampled id back), so a kernel
@@ -454,12 +104,17 @@ def _kernel(which: str, eps: float, scale: float, quantized: tuple[bool, ...] = 
     than the kernel itself (measured with ncu). For the same reason the position is a 4-element
     array (:class:`FusedStep`).
     """
-    source, inputs, outputs = _KERNELS[which]
+    file, defines, inputs, outputs = _KERNELS[which]
     quantized = dict(zip(("w", "w2"), quantized))
+    if turbo is None or not turbo.window:
+        inputs = [n for n in inputs if n != "kw"]
     inputs = [n for name in inputs for n in (
         [name, "scales" + name[1:], "biases" + name[1:]] if quantized.get(name) else [name])]
     header = _constants(eps, scale, quantized.get("w", False), quantized.get("w2", False))
-    header += _HEADER
+    header += defines + kernels.source("fused_common.cuh")
+    if turbo is not None:
+        header += turbo.header()
+    source = kernels.source(file)
     digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"fused_{which}_{digest}", input_names=inputs,
                                output_names=outputs, source=source, header=header)
@@ -480,6 +135,67 @@ def _rows_launch(units: int) -> dict:
     return {"grid": (units * WARP, 1, 1), "threadgroup": (ROWS_THREADS, 1, 1)}
 
 
+@dataclass(frozen=True)
+class TurboSpec:
+    """A turbo_kv cache as ``turbo_attend.cu`` takes it: the key kind, the score path, the value
+    storage and the k-window (0: none). Hashable: a compiled kernel is kept per spec."""
+
+    kind: str
+    path: str
+    v_type: str  # fp32 | fp16 | q4 | q2
+    window: int
+
+    PATHS = ("int8_codebook", "fp32_codebook", "dequant")  # PATH 0, 1, 2 in the kernel
+    V_TYPES = ("fp32", "fp16", "q4", "q2")  # VT 0 .. 3
+
+    @classmethod
+    def of(cls, cache: "KVCache") -> "TurboSpec | None":
+        """The spec of ``cache``, or None when its keys are not turbo_kv blocks."""
+        kc, vc = cache.k_codec, cache.v_codec
+        if getattr(kc, "kind", None) not in tk.KINDS:
+            return None
+        return cls(kc.kind, kc.score_path, vc.name, cache.k_window)
+
+    def header(self) -> str:
+        """The kind's constants for ``turbo_attend.cu``: exact float32 literals and tables."""
+        def floats(values) -> str:
+            return ", ".join(f"{float(v).hex()}f" for v in np.asarray(values, np.float32))
+
+        cent = tk.CENTROIDS[self.kind]
+        tab = tk.INT8_TABLES[self.kind].astype(np.float32) if self.path == "int8_codebook" \
+            else cent
+        return (f"#define TK_CMAX {float(np.float32(tk.CENT_MAX[self.kind])).hex()}f\n"
+                f"#define TK_R {float(np.float32(tk.INT8_RECIP[self.kind])).hex()}f\n"
+                f"#define TK_KW {'kw' if self.window else '((const float*)nullptr)'}\n"
+                f"__constant__ float tk_cent[{cent.size}] = {{{floats(cent)}}};\n"
+                f"__constant__ float tk_tab[{cent.size}] = {{{floats(tab)}}};\n"
+                f"__constant__ float tk_q2[4] = {{{floats(tk.Q2_LEVELS)}}};\n"
+                + kernels.source("turbo_kv_common.cuh"))
+
+    def template(self, head_dim: int) -> list[tuple[str, int]]:
+        nc = -(-head_dim // tk.BLOCK)
+        vb = tk.v_bytes(self.v_type, head_dim) if self.v_type in ("q4", "q2") else 0
+        return [("KBITS", tk.bits(self.kind)), ("BB", tk.block_bytes(self.kind)), ("NC", nc),
+                ("NLEV", 1 << tk.bits(self.kind)), ("PATH", self.PATHS.index(self.path)),
+                ("VT", self.V_TYPES.index(self.v_type)), ("VB", vb), ("W", self.window)]
+
+
+def _cache_supported(cache: "KVCache", head_dim: int) -> str | None:
+    """None when the fused step's attention reads ``cache``; else why not."""
+    turbo = TurboSpec.of(cache)
+    if turbo is None:
+        if not (cache.k_codec.plain and cache.v_codec.plain) or cache.k_window:
+            return (f"cache {cache.kind} (fp32 / fp16 without a k-window, or turbo_kv, "
+                    f"only)")
+        return None
+    if turbo.v_type not in TurboSpec.V_TYPES:
+        return f"turbo_kv values {turbo.v_type!r}"
+    # every 128-element chunk of a head a power of two (the butterfly needs no pass-through)
+    if not (head_dim % tk.BLOCK == 0 or head_dim & (head_dim - 1) == 0):
+        return f"turbo_kv with head_dim {head_dim} (a power of two or a multiple of 128 only)"
+    return None
+
+
 def supported(model: "Model", cache: "KVCache") -> str | None:
     """None when the fused step can run ``model`` with ``cache``; else the reason it cannot."""
     from .model import on_gpu
@@ -487,8 +203,11 @@ def supported(model: "Model", cache: "KVCache") -> str | None:
     a, w = model.args, model.weights
     if model.sync != "step":
         return "per-op sync"
-    if not (cache.k_codec.plain and cache.v_codec.plain) or cache.k_window:
-        return f"cache {cache.kind} (fp32 / fp16 without a k-window only)"
+    if not getattr(a, "llama_block", True):
+        return f"architecture {getattr(a, 'arch', '?')} (llama's block only)"
+    why_not = _cache_supported(cache, a.head_dim)
+    if why_not:
+        return why_not
     if cache.length == 0:
         return "an empty cache (prefill first)"
     lins = [w.output, w.token_embd] + [m for lw in w.layers for m in lw.linears]
@@ -509,18 +228,21 @@ def supported(model: "Model", cache: "KVCache") -> str | None:
 
 
 class FusedStep:
-    """One decoded token as fused kernels: ``step(token [1], pos int32 [4], k, v) ->
+    """One decoded token as fused kernels: ``step(token [1], pos int32 [4], k, v, kw=None) ->
     (logits [1, vocab], k, v)`` where ``k``, ``v`` are the cache's per-layer buffers
-    (:meth:`KVCache.take_buffers`), returned updated. Pure graph building: no evaluation.
+    (:meth:`KVCache.take_buffers`), returned updated, and ``kw`` the k-window's float keys per
+    layer (:meth:`KVCache.take_window`, turbo_kv caches with a k-window only), updated in place.
+    Pure graph building: no evaluation. ``turbo`` (:meth:`TurboSpec.of` the cache): attention
+    reads turbo_kv blocks (``turbo_attend.cu``); None: fp32 / fp16 buffers (``attend.cu``).
 
     It owns a scratch buffer per split product (``fd_project``: the blocks' partial sums and a
     counter of finished blocks), which its kernels write in place and leave ready for the next
     launch; one step's kernels run in order, each consuming the last one's output, so the
     layers share them."""
 
-    def __init__(self, model: "Model"):
+    def __init__(self, model: "Model", turbo: TurboSpec | None = None):
         a, w = model.args, model.weights
-        self.args, self.weights = a, w
+        self.args, self.weights, self.turbo = a, w, turbo
         self.consts = (a.norm_eps, 1.0 / math.sqrt(a.head_dim))
         self.inv_freq = mx.array(_inv_freq(a, None if w.rope_freqs is None
                                            else np.array(w.rope_freqs)))
@@ -530,13 +252,19 @@ class FusedStep:
                         for name, slots in (("attend", a.n_heads),
                                             ("ffn", a.hidden_dim // FFN_UNITS))}
 
-    def __call__(self, token: mx.array, pos: mx.array, k: list, v: list):
+    def __call__(self, token: mx.array, pos: mx.array, k: list, v: list,
+                 kw: list | None = None):
         w = self.weights
+        # turbo_kv: this token's key is quantized inside attention, from float32
+        kv_dtype = mx.float32 if self.turbo else None
         x = self.embed(token, w.token_embd)  # [dim]
         for layer, lw in enumerate(w.layers):
-            (kbuf,), (vbuf,) = k[layer], v[layer]  # [n_kv_heads, capacity, head_dim]
-            q, kv = self.norm_qkv_rope(x, lw, pos, kbuf.dtype)  # [n_heads*hd], [2*n_kv*hd]
-            x = self.attend_project(q, kv, kbuf, vbuf, pos, lw.wo, x)  # [dim]
+            # [n_kv_heads, capacity, head_dim] (fp32 / fp16), or turbo_kv blocks [n_kv_heads,
+            # capacity, n_chunks, block_bytes] and values as their codec stores them
+            (kbuf,), (vbuf,) = k[layer], v[layer]
+            q, kv = self.norm_qkv_rope(x, lw, pos, kv_dtype or kbuf.dtype)
+            x = self.attend_project(q, kv, kbuf, vbuf, pos, lw.wo, x,
+                                    kw=None if kw is None else kw[layer])  # [dim]
             x = self.ffn(x, lw)  # [dim]
         return self.norm_matvec(x, w.output_norm, w.output).reshape(1, -1), k, v
 
@@ -565,33 +293,36 @@ class FusedStep:
 
     def attend_project(self, q: mx.array, kv: mx.array, kbuf: mx.array, vbuf: mx.array,
                        pos: mx.array, wo: "Linear", r: mx.array, warps: int = ATTEND_WARPS,
-                       unroll: int = ATTEND_UNROLL) -> mx.array:
+                       unroll: int = ATTEND_UNROLL, kw: mx.array | None = None) -> mx.array:
         """``r + wo(attention)``: ``q [n_heads * head_dim]`` against the cached keys and values
-        ``[n_kv_heads, capacity, head_dim]`` at positions ``0 .. pos - 1`` and this token's
-        ``kv [2 * n_kv_heads * head_dim]`` at ``pos``, projected by ``wo [dim, n_heads *
-        head_dim]`` and added to ``r [dim]`` -> ``float32 [dim]``. Writes ``kv`` into the
-        buffers at ``pos``, in place (see ``_ATTEND``): the caller owns them.
+        (``[n_kv_heads, capacity, head_dim]``, or turbo_kv blocks and their values' storage)
+        at positions ``0 .. pos - 1`` and this token's ``kv [2 * n_kv_heads * head_dim]`` at
+        ``pos``, projected by ``wo [dim, n_heads * head_dim]`` and added to ``r [dim]`` ->
+        ``float32 [dim]``. Writes this token into the buffers at ``pos`` (and its float key
+        into ``kw [n_kv_heads, window, head_dim]`` at ``pos % window``), in place (see
+        ``attend.cu``): the caller owns them.
 
         One block per head, which also projects its head (``fd_project``). Past
         ATTEND_SPLIT_KEYS of capacity, each head is split among several blocks (one per
         ATTEND_SPLIT_KEYS, at most ATTEND_MAX_SPLITS), whose partial softmaxes a second kernel
         merges and projects: one block per head would leave most of the GPU idle while it
         walks 4k keys."""
-        a = self.args
+        a, turbo = self.args, self.turbo
         hd, nh = a.head_dim, a.n_heads
         splits = max(1, min(ATTEND_MAX_SPLITS, kbuf.shape[1] // ATTEND_SPLIT_KEYS))
-        attention = [q, kv, kbuf, vbuf, pos]
+        attention = [q, kv, kbuf, vbuf] + ([kw] if turbo and turbo.window else []) + [pos]
         shape = [("NH", nh), ("NKV", a.n_kv_heads), ("HD", hd), ("DPL", hd // WARP),
-                 ("NW", warps), ("U", unroll)]
+                 ("NW", warps), ("U", unroll)] + (turbo.template(hd) if turbo else [])
         launch = dict(grid=(nh * splits * warps * WARP, 1, 1), threadgroup=(warps * WARP, 1, 1))
         project = [*_arrays(wo), r, self.scratch["attend"]]
         project_shape = [("DIM", a.dim), ("BITS", wo.bits)]
+        name = "turbo_attend" if turbo else "attend"
         if splits == 1:
-            (out,) = _kernel("attend_project", *self.consts, _quantized(wo))(
+            (out,) = _kernel(f"{name}_project", *self.consts, _quantized(wo), turbo)(
                 inputs=attention + project, template=shape + project_shape,
                 output_shapes=[(a.dim,)], output_dtypes=[mx.float32], **launch)
             return out
-        (part,) = _kernel("attend_split", *self.consts)(
+        (part,) = _kernel(f"{name}_split", *self.consts, (), turbo)(
             inputs=attention, template=shape, output_shapes=[(nh * splits * (hd + 2),)],
             output_dtypes=[mx.float32], **launch)
         (out,) = _kernel("attend_merge_project", *self.consts, _quantized(wo))(
@@ -599,6 +330,25 @@ class FusedStep:
             output_shapes=[(a.dim,)], output_dtypes=[mx.float32],
             grid=(nh * max(ROWS_THREADS, hd), 1, 1), threadgroup=(max(ROWS_THREADS, hd), 1, 1))
         return out
+
+    def attend_scores(self, q: mx.array, kv: mx.array, kbuf: mx.array, vbuf: mx.array,
+                      pos: mx.array, kw: mx.array | None = None,
+                      warps: int = ATTEND_WARPS) -> tuple[mx.array, mx.array]:
+        """For checks: what ``turbo_attend.cu`` computes for one layer, one block per head,
+        with every score kept: ``(scores float32 [n_heads, capacity], parts float32 [n_heads,
+        head_dim + 2])`` (scores times 1/sqrt(head_dim) at positions ``<= pos``; parts: the
+        unnormalized output, the maximum and the total of the softmax). Writes this token
+        into the buffers, as :meth:`attend_project` does."""
+        a, turbo = self.args, self.turbo
+        hd, nh = a.head_dim, a.n_heads
+        inputs = [q, kv, kbuf, vbuf] + ([kw] if turbo.window else []) + [pos]
+        template = [("NH", nh), ("NKV", a.n_kv_heads), ("HD", hd), ("DPL", hd // WARP),
+                    ("NW", warps), ("U", ATTEND_UNROLL)] + turbo.template(hd)
+        parts, scores = _kernel("turbo_attend_scores", *self.consts, (), turbo)(
+            inputs=inputs, template=template, output_shapes=[(nh, hd + 2), (nh, kbuf.shape[1])],
+            output_dtypes=[mx.float32, mx.float32], grid=(nh * warps * WARP, 1, 1),
+            threadgroup=(warps * WARP, 1, 1), init_value=0.0)
+        return scores, parts
 
     def ffn(self, x: mx.array, lw) -> mx.array:
         """``x + w_down(silu(gate) * up)`` of ``rms_norm(x)``: ``x [dim]`` -> ``float32 [dim]``.

@@ -45,6 +45,8 @@ import mlx.core as mx
 import numpy as np
 
 from quantref import turbo_kv as _oracle
+
+from . import kernels
 from quantref.turbo_kv import (
     BLOCK,
     CENT_MAX,
@@ -541,179 +543,8 @@ def _dequantize_ops(blocks: mx.array, kind: str, d: int) -> mx.array:
 # Quantize / dequantize, GPU kernels (one thread per chunk, explicitly rounded operations)
 # ---------------------------------------------------------------------------------------------
 
-# The two kernels in one source for CUDA and Metal: TK_* are the backend's spelling of one
-# correctly rounded float32 operation each (never contracted into an FMA) and of bit casts.
-_COMMON_HEADER = """
-TK_FN unsigned int tk_f16_trunc(float f) {
-    unsigned int u = TK_AS_UINT(f);
-    unsigned int sign = (u >> 16) & 0x8000u;
-    int e = (int)((u >> 23) & 0xFFu) - 112;
-    unsigned int mant = (u >> 13) & 0x3FFu;
-    if (e <= 0) return sign;
-    if (e >= 31) return sign | 0x7C00u;
-    return sign | ((unsigned int)e << 10) | mant;
-}
-
-TK_FN float tk_f16_decode(unsigned int h) {
-    unsigned int sign = (h & 0x8000u) << 16;
-    unsigned int e = (h >> 10) & 0x1Fu;
-    unsigned int mant = h & 0x3FFu;
-    unsigned int u;
-    if (e == 0u) u = sign;
-    else if (e == 31u) u = sign | 0x7F800000u | (mant << 13);
-    else u = sign | ((e + 112u) << 23) | (mant << 13);
-    return TK_AS_FLOAT(u);
-}
-"""
-
-# Inputs x float32 [rows, D], cent float32 [NLEV], cmax float32 [1]; output out uint8
-# [rows, NC, BB]; compile-time constants BB, BITS, NLEV (one compiled kernel per kind; D is read
-# from the shape).
-_QUANTIZE_BODY = """
-    const int rows = x_shape[0];
-    const int D = x_shape[1];
-    const int NC = (D + 127) / 128;
-    if (gid >= rows * NC) return;
-    const int row = gid / NC;
-    const int lo = (gid - row * NC) * 128;
-    const int cd = D - lo < 128 ? D - lo : 128;
-    int n2 = 1;
-    while (n2 * 2 <= cd) n2 *= 2;
-
-    float r[128];
-    float ss = 0.0f;  /* sequential, as quant.cpp: ss = ss + x[i] * x[i] */
-    for (int i = 0; i < cd; ++i) {
-        const float v = x[row * D + lo + i];
-        r[i] = v;
-        ss = TK_ADD(ss, TK_MUL(v, v));
-    }
-    const float norm = TK_SQRT(ss);
-    const float inv = norm > 1e-10f ? TK_DIV(1.0f, norm) : 0.0f;
-    for (int i = 0; i < cd; ++i) r[i] = TK_MUL(r[i], inv);
-
-    for (int i = 0; i < n2; i += 2) r[i] = -r[i];
-    for (int len = 1; len < n2; len *= 2) {
-        for (int g = 0; g < n2; g += 2 * len) {
-            for (int j = 0; j < len; ++j) {
-                const float u = r[g + j];
-                const float w = r[g + j + len];
-                r[g + j] = TK_ADD(u, w);
-                r[g + j + len] = TK_SUB(u, w);
-            }
-        }
-    }
-    const float rs = TK_DIV(1.0f, TK_SQRT((float)n2));
-    for (int i = 0; i < n2; ++i) r[i] = TK_MUL(r[i], rs);
-
-    float m = 0.0f;
-    for (int i = 0; i < cd; ++i) {
-        const float a = TK_ABS(r[i]);
-        m = a > m ? a : m;
-    }
-    if (m < 1e-10f) m = 1.0f;
-    const float s = TK_DIV(cmax[0], m);
-
-    unsigned int block[BB];
-    for (int k = 0; k < BB; ++k) block[k] = 0u;
-    const unsigned int hn = tk_f16_trunc(norm);
-    const unsigned int hs = tk_f16_trunc(s);
-    block[0] = hn & 0xFFu;
-    block[1] = hn >> 8;
-    block[4] = hs & 0xFFu;
-    block[5] = hs >> 8;
-    for (int i = 0; i < cd; ++i) {
-        const float t = TK_MUL(r[i], s);
-        int best = 0;
-        float best_dist = TK_ABS(TK_SUB(t, cent[0]));
-        for (int j = 1; j < NLEV; ++j) {
-            const float dist = TK_ABS(TK_SUB(t, cent[j]));
-            if (dist < best_dist) {
-                best_dist = dist;
-                best = j;
-            }
-        }
-        const int bit = BITS * i;
-        const int byte = 8 + (bit >> 3);
-        const unsigned int v = ((unsigned int)best) << (bit & 7);
-        block[byte] |= v & 0xFFu;
-        if ((bit & 7) + BITS > 8) block[byte + 1] |= v >> 8;
-    }
-    for (int k = 0; k < BB; ++k) out[gid * BB + k] = (uint8_t)block[k];
-"""
-
-# Inputs blocks uint8 [rows, NC, BB], cent float32 [NLEV], dims int32 [1] (D); output out
-# float32 [rows, D]; compile-time constants BB, BITS, NLEV.
-_DEQUANTIZE_BODY = """
-    const int rows = blocks_shape[0];
-    const int NC = blocks_shape[1];
-    const int D = dims[0];
-    if (gid >= rows * NC) return;
-    const int row = gid / NC;
-    const int lo = (gid - row * NC) * 128;
-    const int cd = D - lo < 128 ? D - lo : 128;
-    int n2 = 1;
-    while (n2 * 2 <= cd) n2 *= 2;
-    const int base = gid * BB;
-
-    const float norm = tk_f16_decode((unsigned int)blocks[base]
-                                     | ((unsigned int)blocks[base + 1] << 8));
-    float s = tk_f16_decode((unsigned int)blocks[base + 4]
-                            | ((unsigned int)blocks[base + 5] << 8));
-    if (s < 1e-10f) s = TK_SQRT((float)cd);
-    const float step = TK_DIV(1.0f, s);
-
-    float y[128];
-    for (int i = 0; i < cd; ++i) {
-        const int bit = BITS * i;
-        const int byte = base + 8 + (bit >> 3);
-        unsigned int w = (unsigned int)blocks[byte];
-        if ((bit & 7) + BITS > 8) w |= (unsigned int)blocks[byte + 1] << 8;
-        const unsigned int idx = (w >> (bit & 7)) & ((1u << BITS) - 1u);
-        y[i] = TK_MUL(cent[idx], step);
-    }
-    const float rs = TK_DIV(1.0f, TK_SQRT((float)n2));
-    for (int i = 0; i < n2; ++i) y[i] = TK_MUL(y[i], rs);
-    for (int len = 1; len < n2; len *= 2) {
-        for (int g = 0; g < n2; g += 2 * len) {
-            for (int j = 0; j < len; ++j) {
-                const float u = y[g + j];
-                const float w = y[g + j + len];
-                y[g + j] = TK_ADD(u, w);
-                y[g + j + len] = TK_SUB(u, w);
-            }
-        }
-    }
-    for (int i = 0; i < n2; i += 2) y[i] = -y[i];
-    for (int i = 0; i < cd; ++i) out[row * D + lo + i] = TK_MUL(y[i], norm);
-"""
-
-_CUDA_HEADER = """
-#define TK_FN __device__ __forceinline__
-#define TK_ADD(a, b) __fadd_rn((a), (b))
-#define TK_SUB(a, b) __fsub_rn((a), (b))
-#define TK_MUL(a, b) __fmul_rn((a), (b))
-#define TK_DIV(a, b) __fdiv_rn((a), (b))
-#define TK_SQRT(a) __fsqrt_rn(a)
-#define TK_ABS(a) fabsf(a)
-#define TK_AS_UINT(f) __float_as_uint(f)
-#define TK_AS_FLOAT(u) __uint_as_float(u)
-""" + _COMMON_HEADER
-
-# Metal: MLX compiles custom kernels with safe math; contraction is switched off explicitly
-# and the division and square root are the precise (correctly rounded) ones.
-_METAL_HEADER = """
-#pragma METAL fp math_mode(safe)
-#pragma METAL fp contract(off)
-#define TK_FN inline
-#define TK_ADD(a, b) ((a) + (b))
-#define TK_SUB(a, b) ((a) - (b))
-#define TK_MUL(a, b) ((a) * (b))
-#define TK_DIV(a, b) metal::precise::divide((a), (b))
-#define TK_SQRT(a) metal::precise::sqrt(a)
-#define TK_ABS(a) metal::abs(a)
-#define TK_AS_UINT(f) as_type<unsigned int>(f)
-#define TK_AS_FLOAT(u) as_type<float>(u)
-""" + _COMMON_HEADER
+# The kernels' sources are files (quantref_mlx/kernels/turbo_kv_*.cu), one source for CUDA and
+# Metal: turbo_kv_common.cuh spells each correctly rounded float32 operation for the backend.
 
 # The thread's index, one chunk each. In the body itself: MLX adds Metal's attribute arguments
 # (thread_position_in_grid, ...) to the signature only when the source names them.
@@ -737,14 +568,19 @@ def _backend() -> str:
 
 
 @lru_cache(maxsize=None)
-def _kernel(backend: str, which: str):
+def _kernel(backend: str, which: str, kind: str):
     """The ``mx.fast`` kernel object (compiled on first use, when a graph that uses it runs).
 
-    The name carries a hash of the source: MLX caches compiled kernels on disk by name.
+    The kind's CENT_MAX is compiled in (``TK_CMAX``), not passed as a one-element array: MLX's
+    CUDA backend keeps arrays under 8 bytes in managed memory, and a kernel reading one waits
+    for it to migrate (~20 us; see :func:`quantref_mlx.fused_decode._kernel`). The name carries
+    a hash of the source: MLX caches compiled kernels by name.
     """
-    header = _CUDA_HEADER if backend == "cuda" else _METAL_HEADER
-    source = _GID[backend] + (_QUANTIZE_BODY if which == "quantize" else _DEQUANTIZE_BODY)
-    inputs = ["x", "cent", "cmax"] if which == "quantize" else ["blocks", "cent", "dims"]
+    # nine significant digits give the float32 back exactly, in CUDA and in Metal
+    header = (f"#define TK_CMAX {float(np.float32(CENT_MAX[kind])):.9g}f\n"
+              + kernels.source("turbo_kv_common.cuh"))
+    source = _GID[backend] + kernels.source(f"turbo_kv_{which}.cu")
+    inputs = ["x", "cent"] if which == "quantize" else ["blocks", "cent"]
     digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
     name = f"turbo_kv_{which}_{digest}"
     if backend == "cuda":
@@ -753,6 +589,12 @@ def _kernel(backend: str, which: str):
     return mx.fast.metal_kernel(name=name, input_names=inputs, output_names=["out"],
                                 source=source, header=header,
                                 compile_options={"math_mode": "safe"})
+
+
+@lru_cache(maxsize=None)
+def _centroids(kind: str) -> mx.array:
+    """The kind's centroids as one device array, made once (not a new upload per call)."""
+    return mx.array(CENTROIDS[kind])
 
 
 def _template(kind: str) -> list[tuple[str, int]]:
@@ -770,9 +612,8 @@ def _quantize_kernel(x: mx.array, kind: str, backend: str) -> mx.array:
     rows = int(np.prod(lead, dtype=np.int64))
     if rows == 0:
         return mx.zeros((*lead, nc, bb), mx.uint8)
-    (out,) = _kernel(backend, "quantize")(
-        inputs=[x.reshape(rows, d), mx.array(CENTROIDS[kind]),
-                mx.array(np.array([CENT_MAX[kind]], np.float32))],
+    (out,) = _kernel(backend, "quantize", kind)(
+        inputs=[x.reshape(rows, d), _centroids(kind)],
         template=_template(kind), output_shapes=[(rows, nc, bb)],
         output_dtypes=[mx.uint8], **_launch(rows * nc))
     return out.reshape(*lead, nc, bb)
@@ -784,10 +625,9 @@ def _dequantize_kernel(blocks: mx.array, kind: str, d: int, backend: str) -> mx.
     rows = int(np.prod(lead, dtype=np.int64))
     if rows == 0:
         return mx.zeros((*lead, d), mx.float32)
-    (out,) = _kernel(backend, "dequantize")(
-        inputs=[blocks.reshape(rows, nc, bb), mx.array(CENTROIDS[kind]),
-                mx.array([d], mx.int32)],
-        template=_template(kind), output_shapes=[(rows, d)],
+    (out,) = _kernel(backend, "dequantize", kind)(
+        inputs=[blocks.reshape(rows, nc, bb), _centroids(kind)],
+        template=_template(kind) + [("D", d)], output_shapes=[(rows, d)],
         output_dtypes=[mx.float32], **_launch(rows * nc))
     return out.reshape(*lead, d)
 
@@ -859,6 +699,102 @@ def _rotated_keys(blocks: mx.array, kind: str, d: int, path: str) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
+@lru_cache(maxsize=None)
+def _f16_scales() -> mx.array:
+    """float32 [32]: 2**(e - 25) for each fp16 exponent e (0 for e = 0: subnormals flush)."""
+    e = np.arange(32)
+    return mx.array(np.where(e == 0, 0.0, np.ldexp(1.0, e - 25)).astype(np.float32))
+
+
+def _f16_decode_arith(h: mx.array) -> mx.array:
+    """:func:`f16_decode` by arithmetic, not a bit cast (which a shapeless trace cannot
+    shape): ``(1024 + mantissa) * 2**(e - 25)``, both factors and the product exact in float32;
+    e = 31 gives infinity (NaN with a mantissa), as the bit pattern would."""
+    e = (h >> 10) & 0x1F
+    mant = (h & 0x3FF).astype(mx.float32)
+    mag = (mant + _f32(1024)) * mx.take(_f16_scales(), e.astype(mx.int32))
+    mag = mx.where(e == 31, mx.where(mant == 0, _f32(np.inf), _f32(np.nan)), mag)
+    return mx.where((h & 0x8000) != 0, -mag, mag)
+
+
+@lru_cache(maxsize=None)
+def _butterfly_plan(n: int) -> list[tuple[mx.array, mx.array]]:
+    """Per stage ``len`` of an ``n``-point butterfly: each entry's partner ``i ^ len`` and
+    whether the entry is the pair's upper one (``i & len``)."""
+    i = np.arange(n)
+    return [(mx.array((i ^ (1 << s)).astype(np.int32)), mx.array((i & (1 << s)) != 0))
+            for s in range(n.bit_length() - 1)]
+
+
+def _rotate_gathered(x: mx.array, n2: int) -> mx.array:
+    """:func:`rotate` of ``x float32 [..., n2]`` (``n2`` a power of two) without reshapes, so
+    that it compiles shapelessly: each stage reads every entry's partner with one gather and
+    forms ``u + v`` (lower) or ``u - v`` (upper), the same single rounding as the butterfly."""
+    y = x * _signs(n2)
+    for partner, upper in _butterfly_plan(n2):
+        other = mx.take(y, partner, axis=-1)
+        y = mx.where(upper, other - y, y + other)
+    return y * _rotation_scale(n2)
+
+
+@lru_cache(maxsize=None)
+def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
+    """``(q [..., M, d], blocks [..., N, n_chunks, bb]) -> scores [..., M, N]`` for the codebook
+    paths, as one compiled MLX function: the same arithmetic as :func:`_rotate_chunks` and
+    :func:`_rotated_keys` (the rotated query bit for bit, every key entry ``table[idx] * factor``
+    with the same three roundings), one matmul per 128-element chunk. Elementwise operations
+    fuse (Metal, CUDA) and a step's graph gets one call instead of ~80 operations a layer. It
+    is traced once per input shape (``compiled=True``: what the KV cache runs, on its whole
+    buffer, whose length changes every 256 tokens, not every token; :func:`scores` runs it
+    uncompiled, for callers whose shapes change every call).
+
+    Why compiling does not change a bit: the only multiply followed by an add is the sign flip
+    of the rotation, whose product is exact, so a fused multiply-add rounds it the same."""
+    if path == "fp32_codebook":
+        table, unit = mx.array(CENTROIDS[kind]), None
+    else:
+        table, unit = mx.array(INT8_TABLES[kind].astype(np.float32)), _f32(INT8_RECIP[kind])
+    nb, bb = bits(kind), block_bytes(kind)
+    chunks = [(lo, min(BLOCK, d - lo)) for lo in range(0, d, BLOCK)]
+    plans = {}
+    for _, cd in chunks:  # where each index sits: its byte, the next one (clipped), its shift
+        pos = np.arange(cd) * nb
+        first = HEADER_BYTES + pos // 8
+        plans[cd] = (mx.array(first.astype(np.int32)),
+                     mx.array(np.minimum(first + 1, bb - 1).astype(np.int32)),
+                     mx.array((pos % 8).astype(np.uint16)))
+
+    def at(x: mx.array, i, axis: int = -1) -> mx.array:
+        """``x`` at the constant index (or index array) ``i`` of ``axis``."""
+        return mx.take(x, mx.array(i, mx.int32), axis=axis)
+
+    def fn(q: mx.array, blocks: mx.array) -> mx.array:
+        out = None
+        for c, (lo, cd) in enumerate(chunks):
+            n2 = _pow2_floor(cd)
+            qr = _rotate_gathered(at(q, np.arange(lo, lo + n2)), n2)
+            if n2 < cd:
+                qr = mx.concatenate([qr, at(q, np.arange(lo + n2, lo + cd))], axis=-1)
+            b = at(blocks, c, axis=-2)  # [..., N, bb]
+            byte = lambda i: at(b, i).astype(mx.uint16)  # noqa: E731
+            norm = _f16_decode_arith(byte(0) | (byte(1) << 8))
+            s = _f16_decode_arith(byte(4) | (byte(5) << 8))
+            s = mx.where(s < _f32(_EPS), _f32(np.sqrt(np.float32(cd))), s)
+            factor = norm / s if unit is None else norm * (unit / s)
+            # the byte after an index's first is read only when the index spans it: never
+            # past the block (clipped above)
+            first, second, shift = plans[cd]
+            word = mx.take(b, first, axis=-1).astype(mx.uint16) \
+                | (mx.take(b, second, axis=-1).astype(mx.uint16) << 8)
+            idx = (word >> shift) & ((1 << nb) - 1)
+            keys = mx.take(table, idx) * factor[..., None]  # [..., N, cd]
+            part = mx.matmul(qr, mx.swapaxes(keys, -1, -2))
+            out = part if out is None else out + part
+        return out
+
+    return mx.compile(fn) if compiled else fn
+
+
 def scores(q: mx.array, blocks: mx.array, kind: str, d: int, path: str = "int8_codebook",
            *, check: bool = False) -> mx.array:
     """``q . k`` of queries against compressed keys, as quant.cpp's chosen path reads them.
@@ -890,9 +826,8 @@ def scores(q: mx.array, blocks: mx.array, kind: str, d: int, path: str = "int8_c
         _check_finite_now(q, "q")
     if path == "dequant":
         keys = dequantize(blocks, kind, d)
-    else:
-        q, keys = _rotate_chunks(q, d), _rotated_keys(blocks, kind, d, path)
-    return mx.matmul(q, mx.swapaxes(keys, -1, -2))
+        return mx.matmul(q, mx.swapaxes(keys, -1, -2))
+    return _codebook_scores(kind, d, path)(q, blocks)
 
 
 # ---------------------------------------------------------------------------------------------

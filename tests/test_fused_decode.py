@@ -50,8 +50,12 @@ def prefilled(model, kv="fp32", n=8, **options):
 def test_which_models_and_caches_it_takes(models, quantized):
     _, m = models
     assert "empty cache" in fused_decode.supported(m, m.make_cache("fp32"))
-    for kv, opts in (("turbo_kv_4b", {}), ("q8_0", {}), ("turbo_kv_4b", {"k_window": 4})):
+    for kv, opts in (("q8_0", {}), ("q4_0", {})):
         assert "fp32 / fp16" in fused_decode.supported(m, prefilled(m, kv, **opts))
+    # turbo_kv caches, any value type and k-window, are taken where the GPU is
+    for opts in ({}, {"k_window": 4, "v": "q2", "score_path": "dequant"}):
+        reason = fused_decode.supported(m, prefilled(m, "turbo_kv_4b", **opts))
+        assert reason is None if CUDA else reason == "not on a CUDA GPU"
     two = from_oracle(models[0], weights="quantized", bits=2)
     assert "4 or 8 bits" in fused_decode.supported(two, prefilled(two))
     per_op = from_oracle(models[0], weights="float", sync="op")
