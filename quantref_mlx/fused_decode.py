@@ -28,8 +28,11 @@ tensors (4 or 8 bits, groups of 32, float32 scales and biases): the kernels read
 codes and dequantize each weight in registers to exactly the oracle's float32 value, so a
 quantized model streams ~5-6x fewer bytes a token (the embedding row is one more kernel).
 
-Scope: CUDA only (these are ``mx.fast.cuda_kernel`` sources; on Metal and the CPU the plain
-graph runs), fp32 / fp16 caches without a k-window.
+Scope: CUDA only (these are ``mx.fast.cuda_kernel`` sources, one file each in
+``quantref_mlx/kernels/``; on Metal and the CPU the plain graph runs), fp32 / fp16 caches
+without a k-window, and turbo_kv caches (any kind, score path, value type, k-window; head_dim a
+power of two or a multiple of 128): their attention is ``turbo_attend.cu``, which quantizes
+this token's key in the kernel (the oracle's bytes) and reads the packed blocks directly.
 :func:`supported` says whether a model and cache qualify; :class:`quantref_mlx.generate.Decoder`
 uses this step where they do. The arithmetic is the plain graph's, in float32, in another
 order (a warp's partial sums, RMSNorm's factor applied after the dot product, an online

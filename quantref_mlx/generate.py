@@ -159,8 +159,9 @@ class Decoder:
 
     Three ways to build a step, all one evaluation per token:
 
-    - fused (``fused=True``): :mod:`quantref_mlx.fused_decode`, five custom kernels per layer
-      instead of ~17 operations; CUDA GPUs, float weights, fp32 / fp16 caches
+    - fused (``fused=True``): :mod:`quantref_mlx.fused_decode`, three custom kernels per layer
+      instead of ~17 operations; CUDA GPUs, float or 4/8-bit weights, fp32 / fp16 and turbo_kv
+      caches
       (:func:`quantref_mlx.fused_decode.supported`). ``fused=None`` (default) uses it wherever
       it is supported, compiled: the fastest step measured there (H200, SmolLM2-135M shapes,
       context 128: ~790 tokens/s against ~220 for the plain graph; ``docs/benchmarks.md``).
