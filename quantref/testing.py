@@ -239,7 +239,8 @@ def write_tiny(
                                 GGUFValueType.BOOL, GGUFValueType.ARRAY)
     put("general.architecture", arch, STR)
     put("general.type", "model", STR)
-    put("general.name", f"Tiny Random {arch.capitalize()}", STR)
+    # not "...Phi3": llama.cpp sets token attributes by model name and would look for "</s>"
+    put("general.name", "Tiny Random Llama" if arch == "llama" else "Tiny Random Model", STR)
     put(f"{arch}.block_count", n_layers, U32)
     put(f"{arch}.context_length", context_length, U32)
     put(f"{arch}.embedding_length", dim, U32)
