@@ -132,6 +132,19 @@ def test_layers_agree_when_reading_the_same_stored_bytes(pair, kv):
     assert replay  # the replay really happened
 
 
+@pytest.mark.parametrize("scoring, ctx", [("all", 24), ("llama.cpp", 20)])
+def test_perplexity_scores_the_same_tokens(pair, scoring, ctx):
+    """Both halves share the windows (a remainder in the text's last window for ``all``, the
+    second half of full chunks for ``llama.cpp``) and agree on every scored token's NLL."""
+    m, mm = pair
+    ids = [int(i) for i in np.random.default_rng(5).integers(3, 250, 70)]
+    a = quantref.perplexity(m, ids=ids, ctx=ctx, batch=16, scoring=scoring)
+    b = quantref_mlx.perplexity(mm, ids=ids, ctx=ctx, batch=16, scoring=scoring)
+    assert (a.n_scored, a.tokens, a.scoring) == (b.n_scored, b.tokens, b.scoring)
+    assert a.n_scored == (70 - 70 // 24 if scoring == "all" else 3 * (20 - 1 - 10))
+    _close(b.nll, a.nll)
+
+
 def test_hadamard_rotation_is_the_oracles_bit_for_bit():
     from quantref.cache import hadamard as np_hadamard
     from quantref_mlx.cache import hadamard as mx_hadamard
