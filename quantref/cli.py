@@ -512,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("generate", parents=[engine, kv_opts], help="generate text, "
-                       "streamed as it is produced (a chat-template reply, as mlx-lm's)")
+                       "streamed; the prompt goes through the model's chat template, as in "
+                       "mlx-lm (--no-chat: raw text)")
     p.add_argument("--prompt", "-p", required=True, help="the prompt")
     p.add_argument("--max-tokens", "-n", type=int, default=128, help="at most N new tokens "
                    "(default 128)")
