@@ -424,6 +424,7 @@ LLOYD_MAX_GAUSSIAN = {"turbo_kv_3b": 0.03454, "turbo_kv_4b": 0.009497, "turbo_kv
 
 
 @pytest.mark.model
+@pytest.mark.slow  # a capture and seven measurements of the real model: a minute of CPU time
 def test_real_model_figures(default_model_path):
     m = quantref.load(default_model_path)
     text = (Path(quantref.__file__).parent / "data" / "default_text.txt").read_text("utf-8")

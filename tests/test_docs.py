@@ -51,10 +51,15 @@ def _needs_model(doc: str) -> bool:
     return any(LOADS_MODEL.search(code) for code in _runnable(doc))
 
 
+# Examples too slow for the README's test command (.ci/run runs them with -m slow): why.
+SLOW_DOCS = {"docs/sampling.md": "40 sampled tokens of the real model, 30 s of CPU time"}
+
+
 def _params():
     for doc in DOCS:
         if _runnable(doc):
             marks = [pytest.mark.model] if _needs_model(doc) else []
+            marks += [pytest.mark.slow] if doc in SLOW_DOCS else []
             yield pytest.param(doc, marks=marks, id=doc)
 
 
@@ -93,12 +98,12 @@ def _quantref_lines(doc: str) -> list[tuple[int, list[str]]]:
     for lang, code, line, _ in blocks(doc):
         if lang not in ("bash", "sh", "console"):
             continue
-        for k, raw in enumerate(code.splitlines()):
+        joined = code.replace("\\\n", " ")  # a command continued over lines is one command
+        for k, raw in enumerate(joined.splitlines()):
             cmd = raw.split(" #", 1)[0].strip().removeprefix("$ ")
             for part in cmd.split("&&"):
-                words = shlex.split(part)
-                if words and words[0] == "quantref":
-                    lines.append((line + 1 + k, words[1:]))
+                if part.strip().startswith("quantref "):
+                    lines.append((line + 1 + k, shlex.split(part)[1:]))
     return lines
 
 

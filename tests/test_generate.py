@@ -75,7 +75,8 @@ def test_end_of_generation_stops(tiny_path):
     m = quantref.load(tiny_path)
     m.weights.output = m.weights.output.copy()
     m.weights.output[m.tokenizer.eos_id] += 100.0 * m.weights.output_norm  # EOS always wins
-    out = list(quantref.stream_generate(m, "hello", 10))
+    # the raw prompt (chat=False): the EOS row's boost wins from this prompt's last state
+    out = list(quantref.stream_generate(m, "hello", 10, chat=False))
     assert len(out) == 1 and out[0].finish_reason == "stop" and out[0].text == ""
 
 

@@ -24,6 +24,7 @@ def test_notebook_is_stored_without_outputs():
 
 
 @pytest.mark.model
+@pytest.mark.slow  # 100 s of CPU time in QUICK mode, the heaviest test of the suite
 def test_notebook_runs_and_draws_its_figures(default_model_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pip install "
                                    "'quantref[dev]')")
