@@ -296,6 +296,23 @@ def test_compiled_decode_step_masks_the_window(kv, tiny_paths):
         assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
 
 
+@pytest.mark.skipif(not HAVE_MLX, reason="mlx is not installed")
+@pytest.mark.parametrize("case", [c for c in CASES if c != "llama_rope_freqs"])
+def test_the_fused_cuda_step_is_refused_for_other_architectures(case, tiny_paths):
+    """The fused decode kernels compute llama's block: ModelArgs.llama_block says where they
+    may run, and the decoder's choice (fused_decode.supported) names the architecture."""
+    import mlx.core as mx
+
+    import quantref_mlx
+    from quantref_mlx.fused_decode import supported
+
+    m = quantref_mlx.load(tiny_paths[case], weights="float")
+    assert not m.args.llama_block
+    cache = m.make_cache("fp32")
+    mx.eval(m.forward(token_ids(case)[:4], cache), *cache.state())
+    assert case.split("_")[0] in supported(m, cache)
+
+
 # --- the real Gemma 3 270M --------------------------------------------------------------------
 
 # llama.cpp's perplexity of the F32 export of this file's weights on ppl_1k.txt (BOS added, one
