@@ -103,6 +103,25 @@ def run_numpy(model, kv, ctx, steps, chunk):
     return prefill, steps / (time.perf_counter() - t)
 
 
+def timed_decode(step, y, steps: int) -> float:
+    """Decode tokens/s of ``step(token) -> next token`` (lazy), as generation runs it: two
+    untimed warm-up steps (the first compiled call traces), then step n+1 built and started
+    before token n is read back."""
+    import mlx.core as mx
+
+    for _ in range(2):
+        y = step(y)
+        y.item()
+    t = time.perf_counter()
+    for _ in range(steps):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    return steps / (time.perf_counter() - t)
+
+
 def run_mlx(model, kv, ctx, steps, chunk, decoder_options):
     import mlx.core as mx
 
@@ -126,19 +145,7 @@ def run_mlx(model, kv, ctx, steps, chunk, decoder_options):
     need = ctx + 2 + steps + 1
     cache.reserve(max(STEP, 1 << (need - 1).bit_length()))
     decoder = Decoder(model, cache, sampler, **decoder_options)
-    y = sampler(logits)
-    for _ in range(2):  # warm-up: the first compiled call traces
-        y = decoder(y)
-        y.item()
-    # As generation runs: step n+1 is built and started before token n is read back.
-    t = time.perf_counter()
-    for _ in range(steps):
-        nxt = decoder(y)
-        mx.async_eval(nxt)
-        y.item()
-        y = nxt
-    y.item()
-    return prefill, steps / (time.perf_counter() - t)
+    return prefill, timed_decode(decoder, sampler(logits), steps)
 
 
 def warm_up(models, kvs, chunk) -> None:
@@ -230,18 +237,7 @@ def run_mlx_lm(model, ctx: int, steps: int, chunk: int) -> tuple[float, float]:
     def step(y):
         return mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
 
-    y = mx.argmax(logits[:, -1, :], axis=-1)
-    for _ in range(2):
-        y = step(y)
-        y.item()
-    t = time.perf_counter()
-    for _ in range(steps):
-        nxt = step(y)
-        mx.async_eval(nxt)
-        y.item()
-        y = nxt
-    y.item()
-    return prefill, steps / (time.perf_counter() - t)
+    return prefill, timed_decode(step, mx.argmax(logits[:, -1, :], axis=-1), steps)
 
 
 def main() -> None:
