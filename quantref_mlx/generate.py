@@ -23,13 +23,15 @@ from quantref.generate import (GenerationResponse, Responder, SamplerArgs, Sampl
 
 from .cache import STEP
 from .fused_decode import FusedStep, TurboSpec, position, supported
+from .persistent_decode import PersistentStep
+from .persistent_decode import supported as persistent_supported
 
 if TYPE_CHECKING:
     from .cache import KVCache
     from .model import Model
 
 __all__ = ["Decoder", "GenerationResponse", "Sampler", "SamplerArgs", "SamplerRNG",
-           "apply_penalties", "candidates", "decode_step", "descending", "generate",
+           "apply_penalties", "candidates", "decode_step", "descending", "generate", "greedy",
            "make_sampler", "stream_generate"]
 
 SamplerFn = Callable[[mx.array], mx.array]
@@ -137,13 +139,21 @@ class Sampler:
         return y.reshape(logits.shape[:-1])
 
 
+def greedy(logits: mx.array) -> mx.array:
+    """``logits [..., vocab] -> [...]``: the first index of the largest logit."""
+    return mx.argmax(logits, axis=-1)
+
+
+greedy.greedy = True  # Decoder: the persistent kernel's own argmax may stand in for it
+
+
 def make_sampler(args: SamplerArgs, rng: SamplerRNG | None = None,
                  history: Sequence[int] = ()) -> SamplerFn:
-    """``logits [1, vocab] -> token [1]`` as graph ops: the plain argmax when greedy with no
-    penalty, else a :class:`Sampler` (``rng``: the draws' stream, a random seed if None;
-    ``history``: the prompt's token ids, for the penalties)."""
+    """``logits [1, vocab] -> token [1]`` as graph ops: the plain argmax (:func:`greedy`) when
+    greedy with no penalty, else a :class:`Sampler` (``rng``: the draws' stream, a random seed
+    if None; ``history``: the prompt's token ids, for the penalties)."""
     if args.temp == 0 and not args.penalized:
-        return lambda logits: mx.argmax(logits, axis=-1)
+        return greedy
     return Sampler(args, rng, history)
 
 
@@ -176,14 +186,31 @@ class Decoder:
       models (the per-op pattern is the point there), caches with a k-window, and turbo_kv
       caches on the CPU (see ``__init__``).
     - otherwise the plain graph, built op by op (:func:`decode_step`).
+
+    ``persistent=True``: the whole token in one kernel launch
+    (:mod:`quantref_mlx.persistent_decode`; CUDA, 4-bit layers, fp32 / fp16 caches), the same
+    logits as the fused step bit for bit; with a greedy sampler (:func:`greedy`) the kernel's
+    own argmax is the token. Read tokens back through :meth:`check`, which raises if the
+    kernel stopped instead of finishing.
     """
 
     def __init__(self, model: "Model", cache: "KVCache", sampler: SamplerFn,
-                 compiled: bool | None = None, fused: bool | None = None):
+                 compiled: bool | None = None, fused: bool | None = None,
+                 persistent: bool = False):
         from .cache import StepCache, TurboKeyCodec
         from .model import on_gpu
 
         self.model, self.cache, self.sampler = model, cache, sampler
+        self.persistent = None
+        if persistent:
+            why = persistent_supported(model, cache)
+            if why:
+                raise ValueError(f"no persistent decode step here: {why}")
+            self.persistent = PersistentStep(model)
+            self._whole = None  # (kc, vc): the cache's buffers, whole-model
+            self._pos = None
+            self._next = None  # the last step's (token view, next int32 [4])
+            return
         why_not = supported(model, cache)
         if fused and why_not:
             raise ValueError(f"no fused decode step here: {why_not}")
@@ -212,6 +239,8 @@ class Decoder:
         self._step = mx.compile(step) if self.compiled else step if self.fused else None
 
     def __call__(self, token: mx.array) -> mx.array:
+        if self.persistent is not None:
+            return self._persistent_step(token)
         if self._step is None:
             return decode_step(self.model, token, self.cache, self.sampler)
         cache = self.cache
@@ -245,6 +274,51 @@ class Decoder:
         return mx.concatenate([y.reshape(-1)] * 2)[:1].reshape(y.shape)
 
 
+    def _persistent_step(self, token: mx.array) -> mx.array:
+        """One launch (:mod:`quantref_mlx.persistent_decode`): the cache's per-layer buffers
+        are stacked into whole-model ones once per capacity (the cache keeps views of them),
+        the position advances on the device, and with a greedy sampler the token never leaves
+        the device: the kernel's own argmax feeds the next step."""
+        cache, step = self.cache, self.persistent
+        need = cache.length + 1
+        if self._whole is None or cache.capacity < need:
+            cache.reserve(max(STEP, 1 << (need - 1).bit_length()))  # geometric: few restacks
+            k, v = cache.take_buffers()
+            whole = tuple(mx.stack([b[0] for b in bufs]) for bufs in (k, v))
+            mx.eval(*whole)  # materialized: the kernel writes into this memory
+            views = [[(w[i],) for i in range(len(k))] for w in whole]
+            mx.eval(*[b[0] for vs in views for b in vs])  # slices: views of the same memory
+            cache.give_buffers(*views, 0)
+            self._whole = whole
+            self._pos = None
+        if self._pos is None or self._pos[1] != cache.length:
+            self._pos = (position(cache.length), cache.length)
+            self._one = position(1)
+        if self._next is not None and token is self._next[0]:
+            token = self._next[1]  # the kernel's own int32 [4]
+        else:
+            token = mx.concatenate([token.reshape(-1).astype(mx.int32), mx.zeros((3,), mx.int32)])
+        nxt, logits = step(token, self._pos[0], *self._whole)
+        self._pos = (self._pos[0] + self._one, cache.length + 1)
+        cache.give_buffers(*cache.take_buffers(), 1)
+        if getattr(self.sampler, "greedy", False):
+            y = nxt[:1]
+        else:  # the sampler's token, or -1 where the kernel failed (its logits are garbage)
+            y = mx.where(nxt[1:2] == 0, self.sampler(logits.reshape(1, -1)).reshape(-1)
+                         .astype(mx.int32), -1)
+        self._next = (y, nxt, logits)
+        return y
+
+    def check(self, token: int) -> int:
+        """``token`` as read back from the device; raises
+        :class:`~quantref_mlx.persistent_decode.DecodeKernelError` when the persistent kernel
+        failed (it returns -1 then, and says why)."""
+        if token < 0 and self.persistent is not None:
+            code = int(self._next[1][1].item()) if self._next is not None else 0
+            raise self.persistent.error(code)
+        return token
+
+
 def stream_generate(
     model: "Model",
     prompt: str | Sequence[int],
@@ -263,10 +337,11 @@ def stream_generate(
     kv: str = "fp32",
     prefill_step: int = 256,
     compiled: bool | None = None,
+    persistent: bool = False,
     **cache_options: Any,
 ) -> Iterator[GenerationResponse]:
-    """As :func:`quantref.generate.stream_generate`, evaluated once per token (``compiled``:
-    see :class:`Decoder`)."""
+    """As :func:`quantref.generate.stream_generate`, evaluated once per token (``compiled``,
+    ``persistent``: see :class:`Decoder`)."""
     args = SamplerArgs(temp, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
                        frequency_penalty, presence_penalty)
     ids = prompt_ids(model, prompt, max_tokens, chat)
@@ -283,12 +358,12 @@ def stream_generate(
     respond = Responder(model.tokenizer, len(ids), len(ids) / (time.perf_counter() - start),
                         max_tokens)
 
-    step = Decoder(model, cache, sampler, compiled=compiled)
+    step = Decoder(model, cache, sampler, compiled=compiled, persistent=persistent)
     for n in range(1, max_tokens + 1):
         if n < max_tokens:  # build token n+1's graph and start it before reading token n
             next_y = step(y)
             mx.async_eval(next_y)
-        response = respond(y.item(), peak_memory=mx.get_peak_memory() / 1e9)
+        response = respond(step.check(y.item()), peak_memory=mx.get_peak_memory() / 1e9)
         yield response
         if response.finish_reason:
             return

@@ -88,17 +88,27 @@ def nvrtc(nvidia: Path):
     includes = [f"-I{nvidia / 'cuda_runtime' / 'include'}", f"-I{nvidia / 'cuda_cccl' / 'include'}"]
     opts = [*includes, "--gpu-architecture=compute_90", "-std=c++17"]
 
-    def compile_source(src: str) -> tuple[bool, str]:
+    def compile_source(src: str, ptx: bool = False, resources: bool = False):
+        """(ok, log[, ptx text]); ``resources``: compile for the real sm_90, so that the log
+        has ptxas's registers and shared memory per kernel."""
+        o = opts if not resources else [*includes, "--gpu-architecture=sm_90", "-std=c++17",
+                                         "--ptxas-options=-v"]
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
-        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
-        status = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        arr = (ctypes.c_char_p * len(o))(*[x.encode() for x in o])
+        status = lib.nvrtcCompileProgram(prog, len(o), arr)
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetProgramLog(prog, log)
+        text = ""
+        if ptx and status == 0:
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetPTX(prog, buf)
+            text = buf.value.decode(errors="replace")
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        return status == 0, log.value.decode(errors="replace")
+        return status == 0, log.value.decode(errors="replace"), text
 
     return compile_source
 
@@ -115,7 +125,12 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
     import quantref_mlx.turbo_kv as mtk
     from quantref.testing import random_model
     from quantref_mlx import fused_decode as fd
+    from quantref_mlx import turbo_prefill
     from quantref_mlx.model import from_oracle
+
+    # the prefill seam (KVCache.prefill_attention) takes its kernel here, on the CPU: every
+    # forward of 3 tokens below records turbo_prefill_attend.cu as the model launches it
+    turbo_prefill.USE = True
 
     configs = [dict(seed=5, vocab_size=512, dim=128, n_layers=1, n_heads=4, n_kv_heads=2,
                     head_dim=32, hidden_dim=256, rope_dim=32, max_seq_len=1024),
@@ -160,11 +175,49 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
                         step.attend_scores(q, kv, k[0][0], v[0][0], fd.position(3),
                                            *[w[0] for w in window])
                     cache.give_buffers(k, v, 0)
+                if weights == "quantized" and kv in ("fp32", "fp16"):  # the persistent step
+                    from quantref_mlx import persistent_decode as pd
+
+                    k, v = cache.take_buffers()
+                    kc, vc = (mx.stack([b[0] for b in bufs]) for bufs in (k, v))
+                    pd.PersistentStep(model, blocks=132)(mx.array([1, 0, 0, 0], mx.int32),
+                                                         fd.position(3), kc, vc)
+                    cache.give_buffers(k, v, 0)
         # the turbo_kv quantizer / dequantizer kernels, every kind
         for kind in mtk.KINDS:
             x = mx.zeros((2, np_model.args.head_dim), mx.float32)
             blocks = mtk._quantize_kernel(x, kind, "cuda")
             mtk._dequantize_kernel(blocks, kind, np_model.args.head_dim, "cuda")
+    record_prefill(full)
+    turbo_prefill.USE = None
+
+
+def record_prefill(full: bool = False) -> None:
+    """``turbo_prefill_attend.cu`` launched directly, beyond what the models above reach: head
+    sizes 32, 64, 128 and 256, a sliding window, the scores output (tests), every score path
+    with every value type (kinds, k-window and sliding window in rotation; --full: all)."""
+    import quantref_mlx.turbo_kv as mtk
+    from quantref_mlx import turbo_prefill
+    from quantref_mlx.fused_decode import TurboSpec
+
+    combos = list(itertools.product(mtk.KINDS, mtk.PATHS, TurboSpec.V_TYPES, (0, 16), (0, 8)))
+    if not full:
+        combos = [(mtk.KINDS[i % 3], path, v, 16 * (i % 2), 8 * (i // 2 % 2))
+                  for i, (path, v) in enumerate(itertools.product(mtk.PATHS,
+                                                                  TurboSpec.V_TYPES))]
+    vdtype = {"fp32": mx.float32, "fp16": mx.float16}
+    P, T, cap = 3, 5, 256
+    for hd, nh, nkv in ((32, 4, 2), (64, 9, 3), (128, 4, 2), (256, 2, 1)):
+        nc = -(-hd // mtk.BLOCK)
+        for i, (kind, path, v, window, swin) in enumerate(combos):
+            spec = TurboSpec(kind, path, v, window)
+            q = mx.zeros((nh, T, hd), mx.float32)
+            kbuf = mx.zeros((nkv, cap, nc, mtk.block_bytes(kind)), mx.uint8)
+            vbuf = mx.zeros((nkv, cap, hd), vdtype[v]) if v in vdtype \
+                else mx.zeros((nkv, cap, mtk.v_bytes(v, hd)), mx.uint8)
+            kw = mx.zeros((nkv, min(window, P) + T, hd), mx.float32) if window else None
+            turbo_prefill.attend(q, kbuf, vbuf, P, spec, hd ** -0.5, kw, swin,
+                                 scores=i % len(TurboSpec.V_TYPES) == 0)  # scores: each path
 
 
 def main() -> int:
@@ -173,7 +226,10 @@ def main() -> int:
                     "cuda_cccl/ (pip's nvidia-*-cu12 packages; default: found on sys.path)")
     ap.add_argument("--full", action="store_true", help="every cache configuration")
     ap.add_argument("--only", default="", help="compile only kernels whose name (with its template values) matches this regex")
-    ap.add_argument("--dump", type=Path, help="write each generated source into this folder")
+    ap.add_argument("--dump", type=Path, help="write each generated source (and its PTX) into "
+                    "this folder: a refactoring that keeps a kernel's PTX keeps its behaviour")
+    ap.add_argument("--resources", action="store_true",
+                    help="also compile for sm_90 and print ptxas's registers per thread")
     args = ap.parse_args()
     nvidia = args.nvidia or find_nvidia()
     if nvidia is None:
@@ -196,7 +252,13 @@ def main() -> int:
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"{tag}.cu").write_text(src)
-        ok, log = compile_source(src)
+        ok, log, ptx = compile_source(src, ptx=bool(args.dump))
+        if args.dump and ok:
+            (args.dump / f"{tag}.ptx").write_text(ptx)
+        if ok and args.resources:
+            _, info, _ = compile_source(src, resources=True)
+            regs = re.findall(r"Used (\d+) registers.*", info)
+            print(f"{tag}: {regs[0] if regs else info.strip()[-300:]} registers", flush=True)
         if not ok:
             failed += 1
             print(f"FAILED {tag}\n{log}", flush=True)

@@ -144,3 +144,207 @@ __device__ void fd_project(const WT* w, const float* sc, const float* bi, int c0
     }
     if (threadIdx.x == 0) *counter = 0u;
 }
+
+/* ---- The kernels' bodies, as functions of a block (or warp) index: each kernel file calls one
+   with its own blockIdx.x, and the persistent step (persistent.cu) calls them all from one
+   launch, for the indices its blocks take in turn. ---- */
+
+/* norm_qkv_rope.cu, for output unit ``unit`` (rows 2 unit, 2 unit + 1) on one warp. */
+template <int IN, int BITS, int HD, int Q_ROWS, int QK_ROWS, typename WT, typename KT>
+__device__ __forceinline__ void fd_qkv_rope_unit(int unit, int lane, const float* x,
+                                                 const float* nw, const WT* w, const float* sc,
+                                                 const float* bi, const int* pos,
+                                                 const float* inv_freq, float* q, KT* kv) {
+    const int r0 = 2 * unit;
+    float y[2], ss;
+    fd_rows_dot<IN, 2, BITS>(w, sc, bi, r0, r0 + 1, x, nw, y, &ss, lane);
+    if (lane != 0) return;
+    const float inv = fd_inv_rms(ss, IN, FD_EPS);
+    float y0 = y[0] * inv;
+    float y1 = y[1] * inv;
+    if (r0 < QK_ROWS) {
+        const float theta = (float)pos[0] * inv_freq[(r0 % HD) / 2];
+        float s, c;
+        sincosf(theta, &s, &c);
+        const float a = y0 * c - y1 * s;
+        y1 = y0 * s + y1 * c;
+        y0 = a;
+    }
+    if (r0 < Q_ROWS) {
+        q[r0] = y0;
+        q[r0 + 1] = y1;
+    } else {
+        fd_store(kv + (r0 - Q_ROWS), y0);
+        fd_store(kv + (r0 - Q_ROWS + 1), y1);
+    }
+}
+
+/* attend.cu, for block ``vb`` of ``nvb`` (nvb / NH splits per head); SPLIT: the split's partial
+   softmax into out [nvb, HD + 2], else (one split per head) the head projected by fd_project. */
+template <int NH, int NKV, int HD, int DPL, int NW, int U, bool SPLIT, int DIM, int BITS,
+          typename KT, typename WT>
+__device__ void fd_attend(int vb, int nvb, const float* q, const KT* kv, const KT* kc,
+                          const KT* vc, int cap, const int* pos, const WT* w, const float* sc,
+                          const float* bi, const float* r, const float* part, float* out) {
+    __shared__ float sm_o[HD];
+    const int S = nvb / NH;  /* splits per head: a launch parameter, not a template one, so
+                                that a new capacity compiles nothing */
+    const int h = vb / S;
+    const int split = vb % S;
+    const int g = h / (NH / NKV);
+    const int warp = (int)(threadIdx.x >> 5);
+    const int lane = (int)(threadIdx.x & 31);
+    const int L = pos[0] + 1;
+    const int chunk = (L + S - 1) / S;
+    const int lo = split * chunk;
+    const int hi = min(L, lo + chunk);
+    const float NEG_INF = __int_as_float(0xff800000);
+    __shared__ float sm_m[NW];
+    __shared__ float sm_l[NW];
+    __shared__ float sm_acc[NW * HD];
+    if (split == 0 && h % (NH / NKV) == 0 && (int)threadIdx.x < HD) {
+        const size_t at = ((size_t)g * cap + (L - 1)) * HD + threadIdx.x;
+        fd_poke(kc + at, kv[g * HD + threadIdx.x]);
+        fd_poke(vc + at, kv[(NKV + g) * HD + threadIdx.x]);
+    }
+    float qv[DPL];
+    float acc[DPL];
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) {
+        qv[d] = q[h * HD + lane * DPL + d] * FD_SCALE;
+        acc[d] = 0.0f;
+    }
+    float m = NEG_INF;
+    float l = 0.0f;
+    const size_t base = (size_t)g * cap * HD + lane * DPL;
+    for (int t0 = lo + warp; t0 < hi; t0 += NW * U) {
+        float s[U];
+        float vv[U][DPL];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u * NW;
+            s[u] = 0.0f;
+            if (t < hi) {  /* uniform across the warp */
+                const bool last = t == L - 1;  /* this token: from kv, not yet in the cache */
+                const auto* kp = last ? kv + g * HD + lane * DPL : kc + base + (size_t)t * HD;
+                const auto* vp = last ? kv + (NKV + g) * HD + lane * DPL
+                                      : vc + base + (size_t)t * HD;
+#pragma unroll
+                for (int d = 0; d < DPL; ++d) {
+                    s[u] += qv[d] * fd_f(kp[d]);
+                    vv[u][d] = fd_f(vp[d]);
+                }
+            }
+        }
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            s[u] = fd_sum(s[u]);
+            if (t0 + u * NW < hi) mn = fmaxf(mn, s[u]);
+        }
+        const float c = expf(m - mn);  /* 0 on a warp's first keys (m = -inf) */
+        l *= c;
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) acc[d] *= c;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (t0 + u * NW < hi) {
+                const float p = expf(s[u] - mn);
+                l += p;
+#pragma unroll
+                for (int d = 0; d < DPL; ++d) acc[d] += p * vv[u][d];
+            }
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) sm_acc[warp * HD + lane * DPL + d] = acc[d];
+    __syncthreads();
+    if ((int)threadIdx.x < HD) {
+        float M = NEG_INF;
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w]);
+        float total = 0.0f;
+        float o = 0.0f;
+        for (int w = 0; w < NW; ++w) {
+            if (sm_m[w] == NEG_INF) continue;  /* a warp that had no key */
+            const float e = expf(sm_m[w] - M);
+            total += sm_l[w] * e;
+            o += sm_acc[w * HD + threadIdx.x] * e;
+        }
+        if constexpr (SPLIT) {
+            float* mine = out + (size_t)vb * (HD + 2);
+            mine[threadIdx.x] = o;
+            if (threadIdx.x == 0) {
+                mine[HD] = M;
+                mine[HD + 1] = total;
+            }
+        } else {
+            sm_o[threadIdx.x] = o / total;
+        }
+    }
+    if constexpr (!SPLIT) {
+        __syncthreads();
+        fd_project<DIM, NH * HD, HD, NH, BITS>(w, sc, bi, h * HD, sm_o, h, part, r, out);
+    }
+}
+
+/* attend_merge_project.cu, for head h of S splits. */
+template <int NH, int HD, int DIM, int BITS, typename WT>
+__device__ void fd_merge_project(int h, int S, const float* splits, const WT* w, const float* sc,
+                                 const float* bi, const float* r, const float* part, float* out) {
+    const int d = (int)threadIdx.x;
+    const float NEG_INF = __int_as_float(0xff800000);
+    __shared__ float sm_o[HD];
+    if (d < HD) {
+        const float* p = splits + (size_t)h * S * (HD + 2);
+        float M = NEG_INF;
+        for (int s = 0; s < S; ++s) M = fmaxf(M, p[s * (HD + 2) + HD]);
+        float total = 0.0f;
+        float o = 0.0f;
+        for (int s = 0; s < S; ++s) {
+            const float m = p[s * (HD + 2) + HD];
+            if (m == NEG_INF) continue;  /* a split that had no key */
+            const float e = expf(m - M);
+            total += p[s * (HD + 2) + HD + 1] * e;
+            o += p[s * (HD + 2) + d] * e;
+        }
+        sm_o[d] = o / total;
+    }
+    __syncthreads();
+    fd_project<DIM, NH * HD, HD, NH, BITS>(w, sc, bi, h * HD, sm_o, h, part, r, out);
+}
+
+/* ffn.cu, for block vb (hidden units vb * SL .. vb * SL + SL - 1). */
+template <int IN, int H, int SL, int BITS, int BITS2, typename WT, typename WT2>
+__device__ void fd_ffn(int vb, const float* x, const float* nw, const WT* w, const float* sc,
+                       const float* bi, const WT2* w2, const float* sc2, const float* bi2,
+                       const float* part, float* out) {
+    const int warp = (int)(threadIdx.x >> 5);
+    const int lane = (int)(threadIdx.x & 31);
+    __shared__ float sm_h[SL];
+    for (int u = warp; u < SL; u += (int)(blockDim.x >> 5)) {
+        const int unit = vb * SL + u;
+        float y[2], ss;
+        fd_rows_dot<IN, 2, BITS>(w, sc, bi, unit, H + unit, x, nw, y, &ss, lane);
+        if (lane == 0) {
+            const float inv = fd_inv_rms(ss, IN, FD_EPS);
+            const float g = y[0] * inv;
+            sm_h[u] = g / (1.0f + expf(-g)) * (y[1] * inv);
+        }
+    }
+    __syncthreads();
+    fd_project<IN, H, SL, H / SL, BITS2>(w2, sc2, bi2, vb * SL, sm_h, vb, part, x, out);
+}
+
+/* norm_matvec.cu, for output unit ``unit`` on one warp: every lane gets the value. */
+template <int IN, int BITS, typename WT>
+__device__ __forceinline__ float fd_norm_row(int unit, int lane, const float* x, const float* nw,
+                                             const WT* w, const float* sc, const float* bi) {
+    float y[2], ss;
+    fd_rows_dot<IN, 1, BITS>(w, sc, bi, unit, unit, x, nw, y, &ss, lane);
+    return y[0] * fd_inv_rms(ss, IN, FD_EPS);
+}

@@ -1,0 +1,170 @@
+/* persistent.cu: a whole decode step (every layer, the final norm, the logits and the greedy
+token) in one launch, the fused step's kernels run one after another by the same blocks with a
+grid-wide barrier between dependent phases.
+
+What it computes: exactly what quantref_mlx.fused_decode.FusedStep's ~95 kernels compute, with
+the same functions (fused_common.cuh) on the same block indices, so the same sums in the same
+order: the logits are the fused step's bit for bit. Per token:
+  x = embedding row of token[0]                                            (phase E)
+  per layer l: q, k, v = RoPE(Wqkv rms_norm(x))        fd_qkv_rope_unit, one warp per unit
+               x' = x + Wo attention(q, cache, k, v)   fd_attend (+ fd_merge_project when the
+                                                       capacity splits a head: one more phase)
+               x  = x' + W2 (silu(g) * u)              fd_ffn, one virtual block per SL units
+  logits = Wout rms_norm(x) * nw; token = the first index of the largest logit.
+A virtual block of a fused kernel (block vb of its grid) is taken by block vb % gridDim.x, in
+turn; between phases every block waits at fd_grid_sync. The fd_project sums keep their
+"last block finishes" form (a counter in the scratch, reset by that block).
+
+Grid: gridDim.x blocks, at most one per SM, so that all are resident at once (a barrier waits
+for every block); 512 threads (NW = 16 warps, as the fused attention and ffn kernels).
+Inputs:  token int32 [4] (the id in token[0]: the previous step's output), pos int32 [4]
+         (L - 1 in pos[0]), wemb (with wemb_scales, wemb_biases when quantized: the embedding, as
+         in fd_weight), onw float32 [DIM] (the final norm's weight), wout (and wout_scales,
+         wout_biases: the output matrix [VOCAB, DIM]), lnw float32 [NL, 2, DIM] (attn_norm, ffn_norm per layer), codes uint32,
+         scales float32, biases float32 (every layer's four quantized matrices, concatenated),
+         woff int64 [NL, 4, 2] (per layer and matrix - Wqkv, Wo, W gate|up, W down - the offset of
+         its codes and of its scales / biases, in elements), inv_freq float32 [HD / 2],
+         kc, vc [NL, NKV, CAP, HD] float32 or float16 (positions < L - 1 filled; this token's k
+         and v are written at L - 1, in place), scratch float32 [FD_SCRATCH] (the step's own:
+         the barrier counter and error flag, the fd_project parts and counters, activations;
+         zero at creation, left ready for the next launch).
+Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[1] 0, or on
+         failure next[0] = -1 and next[1] the reason: 1 a barrier waited past FD_WAIT_NS (the
+         blocks were not all resident: another kernel held SMs), 2 token[0] out of range,
+         3 an earlier launch failed (the scratch's error flag is set: the host makes a new one).
+Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (the four matrices'
+         bits, 4 or 8), EBITS, OBITS (embedding, output: 0 float, 4 or 8). */
+    constexpr int Q_ROWS = NH * HD;
+    constexpr int KV_ROWS = 2 * NKV * HD;
+    constexpr int UNITS = (Q_ROWS + KV_ROWS) / 2;
+    constexpr int FB = H / SL;  /* ffn's virtual blocks */
+    /* the scratch, in float32 elements (every region 16-byte aligned, for float4 loads) */
+    constexpr int OFF_PA = 16;                             /* attention's fd_project parts */
+    constexpr int OFF_PF = OFF_PA + NH * DIM + 4;          /* ffn's fd_project parts */
+    constexpr int OFF_XA = OFF_PF + FB * DIM + 4;          /* the residual stream, ... */
+    constexpr int OFF_XB = OFF_XA + DIM;                   /* ... and after attention */
+    constexpr int OFF_Q = OFF_XB + DIM;
+    constexpr int OFF_KV = OFF_Q + Q_ROWS;                 /* in the cache's dtype */
+    constexpr int OFF_SPLITS = OFF_KV + KV_ROWS;           /* NH * FD_MAX_SPLITS * (HD + 2) */
+    constexpr int OFF_BEST = OFF_SPLITS + ((NH * FD_MAX_SPLITS * (HD + 2) + 3) / 4) * 4;
+    using KT = typename fd_elem<decltype(kc)>::type;  /* float or __half */
+    float* sp = const_cast<float*>(scratch);
+    unsigned* bar = reinterpret_cast<unsigned*>(sp);      /* [0] arrivals, [1] error */
+    float* xa = sp + OFF_XA;
+    float* xb = sp + OFF_XB;
+    float* qv = sp + OFF_Q;
+    KT* kvt = reinterpret_cast<KT*>(sp + OFF_KV);
+    float* splits = sp + OFF_SPLITS;
+    float* best = sp + OFF_BEST;                           /* per block: value, index */
+    const int nb = (int)gridDim.x;
+    const int b = (int)blockIdx.x;
+    const int warp = (int)(threadIdx.x >> 5);
+    const int lane = (int)(threadIdx.x & 31);
+    const int gw = b * NW + warp;  /* this warp among all the grid's */
+    const int nwarps = nb * NW;
+    const int cap = kc_shape[2];
+    const int S = fd_splits(cap);  /* as FusedStep: one block per head up to 256 of capacity */
+    const int tok = token[0];
+    int fail = 0;
+    if (tok < 0 || tok >= VOCAB) fail = 2;
+    else if (fd_volatile(bar + 1) != 0u) fail = 3;
+    if (fail) {
+        if (b == 0 && threadIdx.x == 0) {
+            next[0] = -1;
+            next[1] = fail;
+        }
+        return;  /* every block returns here (the same token, the same flag): none waits */
+    }
+
+    /* E: the embedding row */
+    for (int i = b * (int)blockDim.x + (int)threadIdx.x; i < DIM; i += nb * (int)blockDim.x)
+        xa[i] = fd_weight<DIM, EBITS>(wemb, FD_QUANT_E, (size_t)tok, i);
+    if (!fd_grid_sync(bar)) goto failed;
+
+    for (int layer = 0; layer < NL; ++layer) {
+        const int64_t* off = woff + layer * 8;
+        const uint32_t* wqkv = codes + off[0];
+        const uint32_t* wo = codes + off[2];
+        const uint32_t* wgu = codes + off[4];
+        const uint32_t* wdn = codes + off[6];
+        const float* nw_attn = lnw + (size_t)layer * 2 * DIM;
+        const float* nw_ffn = nw_attn + DIM;
+        const size_t kv_stride = (size_t)NKV * cap * HD;
+        const KT* kcl = kc + layer * kv_stride;
+        const KT* vcl = vc + layer * kv_stride;
+
+        for (int unit = gw; unit < UNITS; unit += nwarps)
+            fd_qkv_rope_unit<DIM, BQKV, HD, Q_ROWS, Q_ROWS + KV_ROWS / 2>(
+                unit, lane, xa, nw_attn, wqkv, scales + off[1], biases + off[1], pos, inv_freq,
+                qv, kvt);
+        if (!fd_grid_sync(bar)) goto failed;
+
+        if (S == 1) {
+            for (int vb = b; vb < NH; vb += nb) {
+                fd_attend<NH, NKV, HD, DPL, NW, U, false, DIM, BO>(
+                    vb, NH, qv, kvt, kcl, vcl, cap, pos, wo, scales + off[3], biases + off[3], xa,
+                    sp + OFF_PA, xb);
+                __syncthreads();  /* the block's shared memory, free for its next index */
+            }
+        } else {
+            for (int vb = b; vb < NH * S; vb += nb) {
+                fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
+                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
+                    (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
+                    (const float*)nullptr, splits);
+                __syncthreads();
+            }
+            if (!fd_grid_sync(bar)) goto failed;
+            for (int h = b; h < NH; h += nb) {
+                fd_merge_project<NH, HD, DIM, BO>(h, S, splits, wo, scales + off[3],
+                                                  biases + off[3], xa, sp + OFF_PA, xb);
+                __syncthreads();
+            }
+        }
+        if (!fd_grid_sync(bar)) goto failed;
+
+        for (int vb = b; vb < FB; vb += nb) {
+            fd_ffn<DIM, H, SL, BGU, BDN>(vb, xb, nw_ffn, wgu, scales + off[5], biases + off[5],
+                                         wdn, scales + off[7], biases + off[7], sp + OFF_PF, xa);
+            __syncthreads();
+        }
+        if (!fd_grid_sync(bar)) goto failed;
+    }
+
+    {   /* the logits, and each warp's first largest one */
+        float bv = __int_as_float(0xff800000);
+        int bi = 0x7fffffff;
+        for (int unit = gw; unit < VOCAB; unit += nwarps) {
+            const float y = fd_norm_row<DIM, OBITS>(unit, lane, xa, onw, wout, FD_QUANT_O);
+            if (lane == 0) logits[unit] = y;
+            if (y > bv) {  /* units rise along the loop: the first of equals stays */
+                bv = y;
+                bi = unit;
+            }
+        }
+        __shared__ float sm_bv[NW];
+        __shared__ int sm_bi[NW];
+        if (lane == 0) {
+            sm_bv[warp] = bv;
+            sm_bi[warp] = bi;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < NW; ++w) fd_better(sm_bv[w], sm_bi[w], &bv, &bi);
+            best[2 * b] = bv;
+            best[2 * b + 1] = __int_as_float(bi);
+        }
+        if (!fd_grid_sync(bar)) goto failed;
+        if (b == 0 && threadIdx.x == 0) {
+            for (int o = 1; o < nb; ++o)
+                fd_better(best[2 * o], __float_as_int(best[2 * o + 1]), &bv, &bi);
+            next[0] = bi;
+            next[1] = 0;
+        }
+    }
+    return;
+failed:
+    if (threadIdx.x == 0) {
+        next[0] = -1;
+        next[1] = 1;
+    }

@@ -1,0 +1,61 @@
+/* persistent.cuh: what persistent.cu adds to fused_common.cuh: a grid-wide barrier whose wait is
+bounded, and the small helpers of the greedy token.
+
+FD_MAX_SPLITS and FD_SPLIT_KEYS (fused_decode.ATTEND_MAX_SPLITS, ATTEND_SPLIT_KEYS) and
+FD_WAIT_NS (the longest a barrier waits, in ns) are #defined before this file. */
+
+template <typename T> struct fd_elem { using type = T; };
+template <typename T> struct fd_elem<const T*> { using type = T; };
+
+__device__ __forceinline__ unsigned fd_volatile(const unsigned* p) {
+    return *reinterpret_cast<const volatile unsigned*>(p);
+}
+__device__ __forceinline__ unsigned long long fd_now() {  /* ns, the GPU's global timer */
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+/* Splits per head of the attention, as FusedStep.attend_project chooses them. */
+__device__ __forceinline__ int fd_splits(int cap) {
+    return max(1, min(FD_MAX_SPLITS, cap / FD_SPLIT_KEYS));
+}
+/* (v, i) replaces (*bv, *bi) when larger, or equal with a smaller index: argmax's first index. */
+__device__ __forceinline__ void fd_better(float v, int i, float* bv, int* bi) {
+    if (v > *bv || (v == *bv && i < *bi)) {
+        *bv = v;
+        *bi = i;
+    }
+}
+/* Every block of the grid waits here until all have arrived; called by every thread. The
+   counter bar[0] is cooperative groups' grid barrier: block 0 adds 0x80000000 - (blocks - 1),
+   the others 1, so its top bit flips when the last block arrives and the low bits come back to
+   where they were (nothing to reset between barriers or launches). Bounded: a wait longer than
+   FD_WAIT_NS (a block that never started: the grid was not all resident) sets the error flag
+   bar[1], and any waiter that sees the flag stops too; false then, and the kernel returns. The
+   fences make each block's writes before the barrier visible to every block after it. */
+__device__ __forceinline__ bool fd_grid_sync(unsigned* bar) {
+    __shared__ int fd_ok;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
+        __threadfence();
+        const unsigned old = atomicAdd(bar, add);
+        int ok = 1;
+        const unsigned long long t0 = fd_now();
+        while (((old ^ fd_volatile(bar)) & 0x80000000u) == 0u) {
+            if (fd_volatile(bar + 1) != 0u) {
+                ok = 0;
+                break;
+            }
+            if (fd_now() - t0 > FD_WAIT_NS) {
+                atomicExch(bar + 1, 1u);
+                ok = 0;
+                break;
+            }
+        }
+        __threadfence();
+        fd_ok = ok;
+    }
+    __syncthreads();
+    return fd_ok != 0;
+}

@@ -1,0 +1,188 @@
+"""A decode step in one kernel launch: every layer, the final norm, the logits and the greedy
+token, in ``persistent.cu``.
+
+Why: the fused step (:mod:`quantref_mlx.fused_decode`) runs ~95 kernels a token, and MLX's CUDA
+backend spends host time on each (it rebuilds its CUDA graph at every evaluation), so at this
+model size the host bounds decode. Here one block per SM takes, in turn, the blocks of each of
+the fused step's kernels, with a grid-wide barrier between dependent phases (3 a layer, 4 where
+the capacity splits a head's keys, and 2 more for the embedding and the token): one launch, one
+evaluation, per token.
+
+Exactness: the phases call the fused kernels' own functions (``fused_common.cuh``) with the same
+block indices, so every sum runs in the same order: the logits are the fused step's bit for bit,
+and the greedy token is ``argmax``'s (the first index of the largest logit).
+
+Never a hang: a barrier that waits longer than :data:`WAIT_NS` (a block that never started,
+because something else held an SM) sets an error flag in the step's scratch, every block
+returns, and the token comes back as -1 with the reason; :meth:`PersistentStep.error` turns it
+into a :class:`DecodeKernelError`, and the step starts over with a fresh scratch.
+
+Scope: CUDA; llama-block models whose layer matrices are all 4-bit MLX-quantized (the GGUF's
+Q4_0 / Q4_1; the embedding and output may be 8-bit or float: at 512 threads a block, 8-bit
+layers would need more registers than an SM has); fp32 / fp16 caches
+without a k-window (:func:`supported`). The step reads the layers' weights from three arrays
+that concatenate them (built once: ~the layers' size again in GPU memory) and the cache from
+whole-model buffers ``[n_layers, n_kv_heads, capacity, head_dim]`` (the decoder stacks the
+cache's per-layer buffers once per capacity and hands the cache views of them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import numpy as np
+
+from . import fused_decode as fd
+from . import kernels
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+    from .model import Model
+
+__all__ = ["DecodeKernelError", "PersistentStep", "WAIT_NS", "sm_count", "supported"]
+
+WARPS = 16  # warps per block: the fused attention's and ffn's (fd_attend / fd_ffn use blockDim)
+WAIT_NS = 1_000_000_000  # the longest a barrier waits (a token takes well under 1 ms)
+_MAX_BEST = 1024  # blocks at most (the scratch's per-block argmax slots)
+
+REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
+              "launch was resident (another kernel or process holding SMs?)",
+           2: "the input token is outside the vocabulary",
+           3: "an earlier launch of this step failed"}
+
+
+class DecodeKernelError(RuntimeError):
+    """The persistent decode kernel stopped instead of finishing a token (see ``REASONS``)."""
+
+
+@lru_cache(maxsize=None)
+def sm_count() -> int | None:
+    """Streaming multiprocessors of CUDA device 0 (the CUDA driver's attribute 16), or None
+    where there is no driver to ask."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    dev, n = ctypes.c_int(), ctypes.c_int()
+    if (cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0
+            or cuda.cuDeviceGetAttribute(ctypes.byref(n), 16, dev) != 0):
+        return None
+    return n.value
+
+
+def _roles(lw) -> list:
+    """A layer's four matrices in the kernel's order: Wqkv, Wo, W gate|up, W down."""
+    return [lw.wqkv.whole, lw.wo, lw.w_gate_up.whole, lw.w_down]
+
+
+def supported(model: "Model", cache: "KVCache") -> str | None:
+    """None when :class:`PersistentStep` can run ``model`` with ``cache``; else why not."""
+    why = fd.supported(model, cache)
+    if why:
+        return why
+    if fd.TurboSpec.of(cache) is not None:
+        return "turbo_kv caches (the persistent step reads fp32 / fp16 caches)"
+    layers = [_roles(lw) for lw in model.weights.layers]
+    # 4 bits only: with 8-bit matrices the kernel needs 168 registers a thread (ptxas, sm_90:
+    # tools/nvrtc_check.py --resources), more than 512 resident threads an SM can have
+    if any(lin.bits != 4 for roles in layers for lin in roles):
+        return "layer weights other than 4-bit (the persistent step reads 4-bit layers)"
+    blocks = sm_count()
+    if not blocks:
+        return "no CUDA driver to count the SMs"
+    return None
+
+
+class PersistentStep:
+    """``step(token int32 [4], pos int32 [4], kc, vc) -> (next int32 [4], logits float32
+    [vocab])``: one decoded token as one launch (lazy; builds the graph only). ``token[0]``:
+    the input id (the last step's ``next``); ``pos[0]``: its position; ``kc``, ``vc``: the
+    whole-model cache buffers ``[n_layers, n_kv_heads, capacity, head_dim]``, float32 or
+    float16, which the kernel writes in place (the caller owns them). ``next[0]``: the greedy
+    token, or -1 with the reason in ``next[1]`` (:meth:`error`)."""
+
+    def __init__(self, model: "Model", blocks: int | None = None):
+        a, w = model.args, model.weights
+        self.args, self.weights = a, w
+        self.blocks = min(blocks or sm_count() or 0, _MAX_BEST)
+        if self.blocks < 1:
+            raise ValueError("no CUDA device to size the persistent step's grid")
+        layers = [_roles(lw) for lw in w.layers]
+        self.bits = [lin.bits for lin in layers[0]]
+        codes, scales, biases, offsets = [], [], [], []
+        n_codes = n_groups = 0
+        for roles in layers:
+            for lin in roles:
+                offsets += [n_codes, n_groups]
+                codes.append(lin.weight.reshape(-1))
+                scales.append(lin.scales.reshape(-1))
+                biases.append(lin.biases.reshape(-1))
+                n_codes += lin.weight.size
+                n_groups += lin.scales.size
+        self.codes = mx.concatenate(codes)
+        self.scales = mx.concatenate(scales)
+        self.biases = mx.concatenate(biases)
+        self.woff = mx.array(np.array(offsets, np.int64))
+        self.lnw = mx.stack([mx.stack([lw.attn_norm, lw.ffn_norm]) for lw in w.layers])
+        self.inv_freq = mx.array(fd._inv_freq(a, None if w.rope_freqs is None
+                                              else np.array(w.rope_freqs)))
+        mx.eval(self.codes, self.scales, self.biases, self.woff, self.lnw, self.inv_freq)
+        self.scratch = self._fresh_scratch()
+        self.consts = (a.norm_eps, 1.0 / math.sqrt(a.head_dim))
+
+    def _fresh_scratch(self) -> mx.array:
+        a = self.args
+        fb = a.hidden_dim // fd.FFN_UNITS
+        splits = a.n_heads * fd.ATTEND_MAX_SPLITS * (a.head_dim + 2)
+        n = (16 + a.n_heads * a.dim + 4 + fb * a.dim + 4 + 2 * a.dim + a.n_heads * a.head_dim
+             + 2 * a.n_kv_heads * a.head_dim + -(-splits // 4) * 4 + 2 * _MAX_BEST)
+        return mx.array(np.zeros(n, np.float32))  # from NumPy: exists without an evaluation
+
+    def __call__(self, token: mx.array, pos: mx.array, kc: mx.array, vc: mx.array):
+        a, w = self.args, self.weights
+        emb, out = w.token_embd, w.output
+        inputs = ([token, pos] + fd._arrays(emb) + [w.output_norm] + fd._arrays(out)
+                  + [self.lnw, self.codes, self.scales, self.biases, self.woff, self.inv_freq,
+                     kc, vc, self.scratch])
+        template = [("DIM", a.dim), ("NL", a.n_layers), ("NH", a.n_heads),
+                    ("NKV", a.n_kv_heads), ("HD", a.head_dim), ("DPL", a.head_dim // fd.WARP),
+                    ("NW", WARPS), ("U", fd.ATTEND_UNROLL), ("H", a.hidden_dim),
+                    ("SL", fd.FFN_UNITS), ("VOCAB", out.weight.shape[0]),
+                    ("BQKV", self.bits[0]), ("BO", self.bits[1]), ("BGU", self.bits[2]),
+                    ("BDN", self.bits[3]), ("EBITS", emb.bits), ("OBITS", out.bits)]
+        vocab = out.weight.shape[0]
+        logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits))(
+            inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
+            output_dtypes=[mx.float32, mx.int32], grid=(self.blocks * WARPS * fd.WARP, 1, 1),
+            threadgroup=(WARPS * fd.WARP, 1, 1))
+        return nxt, logits
+
+    def error(self, code: int) -> DecodeKernelError:
+        """The error for a failed launch's ``next[1]``; the step's scratch starts over."""
+        self.scratch = self._fresh_scratch()
+        return DecodeKernelError(f"persistent decode step ({self.blocks} blocks): "
+                                 f"{REASONS.get(code, f'unknown failure {code}')}")
+
+
+@lru_cache(maxsize=None)
+def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool):
+    none = "((const float*)nullptr), ((const float*)nullptr)"
+    names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
+    names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
+    names += ["lnw", "codes", "scales", "biases", "woff", "inv_freq", "kc", "vc", "scratch"]
+    header = (fd._constants(eps, scale, False)
+              + f"#define FD_QUANT_E {'wemb_scales, wemb_biases' if embed_quantized else none}\n"
+              + f"#define FD_QUANT_O {'wout_scales, wout_biases' if out_quantized else none}\n"
+              + f"#define FD_MAX_SPLITS {fd.ATTEND_MAX_SPLITS}\n"
+              + f"#define FD_SPLIT_KEYS {fd.ATTEND_SPLIT_KEYS}\n"
+              + f"#define FD_WAIT_NS {WAIT_NS}ull\n"
+              + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
+    source = kernels.source("persistent.cu")
+    digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"persistent_{digest}", input_names=names,
+                               output_names=["logits", "next"], source=source, header=header)

@@ -1,0 +1,138 @@
+"""The persistent decode step (one launch a token), on a CUDA GPU; CPU CI skips this file
+(``tools/nvrtc_check.py`` compiles the kernel without a GPU).
+
+    python -m pytest -q tests/test_persistent_decode_gpu.py      # on the GPU machine
+
+It runs the fused step's own functions on the same block indices, so the checks are exact:
+- its logits are the fused step's bit for bit, step after step, with one block per head and
+  with split heads, fp32 and fp16 caches, and the caches it writes are the fused step's;
+- its token is ``argmax`` of its logits;
+- a bad token, or a grid that cannot be all resident, ends in a DecodeKernelError within a
+  bounded time, never a hang, and the step works again afterwards;
+- on the default model, 64 greedy tokens are the fused step's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from quantref.testing import random_model
+
+mx = pytest.importorskip("mlx.core")
+from quantref_mlx import fused_decode as fd  # noqa: E402
+from quantref_mlx import persistent_decode as pd  # noqa: E402
+from quantref_mlx.generate import Decoder, greedy  # noqa: E402
+from quantref_mlx.model import from_oracle  # noqa: E402
+
+CUDA = getattr(mx, "cuda", None) is not None and mx.cuda.is_available() \
+    and mx.default_device().type == mx.DeviceType.gpu
+pytestmark = pytest.mark.skipif(not CUDA, reason="the persistent kernel runs on CUDA GPUs only")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Random weights of SmolLM2's head shapes (head_dim 64, 3 query heads per KV head), 4-bit
+    layers and an 8-bit embedding as SmolLM2's Q4_1 file."""
+    np_model = random_model(seed=11, vocab_size=1000, dim=192, n_layers=3, n_heads=3,
+                            n_kv_heads=1, head_dim=64, hidden_dim=512, rope_dim=64,
+                            max_seq_len=4096)
+    return from_oracle(np_model, weights="quantized", bits=4, embed_bits=8)
+
+
+def prefilled(model, kv, n):
+    cache = model.make_cache(kv)
+    ids = [1 + i * 7 % (model.args.vocab_size - 1) for i in range(n)]
+    logits = model.forward(ids, cache, last_only=True)
+    mx.eval(logits, cache.state())
+    return cache, greedy(logits)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "fp32"])
+@pytest.mark.parametrize("ctx, capacity", [(20, 256), (600, 1024)], ids=["one-split", "splits"])
+def test_logits_are_the_fused_steps_bit_for_bit(model, kv, ctx, capacity):
+    identity = lambda logits: logits  # noqa: E731 - hands the logits back
+    fused_cache, y = prefilled(model, kv, ctx)
+    fused_cache.reserve(capacity)  # the same capacity, so the same splits per head
+    fused = Decoder(model, fused_cache, identity, fused=True, compiled=False)
+    pers_cache, _ = prefilled(model, kv, ctx)
+    pers_cache.reserve(capacity)
+    pers = Decoder(model, pers_cache, greedy, persistent=True)
+    assert pers_cache.capacity == fused_cache.capacity == capacity
+    token = y
+    for _ in range(12):
+        want = fused(token)
+        got = pers(token)
+        _, nxt, logits = pers._next  # the kernel's outputs: next int32 [4], logits [vocab]
+        mx.eval(want, got, nxt, logits)
+        logits = np.array(logits)
+        np.testing.assert_array_equal(logits, np.array(want).reshape(-1))
+        # its token: the first index of the largest logit
+        assert int(np.array(got)[0]) == int(np.argmax(logits)) == int(np.array(nxt)[0])
+        assert int(np.array(nxt)[1]) == 0
+        token = mx.array(np.array(got).astype(np.uint32))
+    assert pers_cache.length == fused_cache.length == ctx + 12
+    for layer in range(model.args.n_layers):  # the same bytes written where the fused step's
+        for mine, theirs in zip(pers_cache.stored(layer), fused_cache.stored(layer)):
+            np.testing.assert_array_equal(np.array(mine[0]), np.array(theirs[0]))
+
+
+def test_a_token_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds(model):
+    cache, _ = prefilled(model, "fp16", 10)
+    dec = Decoder(model, cache, greedy, persistent=True)
+    y = dec(mx.array([model.args.vocab_size + 5], mx.uint32))
+    with pytest.raises(pd.DecodeKernelError, match="outside the vocabulary"):
+        dec.check(y.item())
+    y = dec(mx.array([3], mx.uint32))  # and the step goes on
+    assert 0 <= dec.check(y.item()) < model.args.vocab_size
+
+
+def test_a_grid_that_cannot_be_resident_fails_in_bounded_time(model):
+    """Twice as many 512-thread blocks as SMs: the kernel needs 128 registers a thread, so one
+    block fills an SM and half the grid waits for the other half to finish; the first barrier
+    gives up after WAIT_NS and every block returns."""
+    cache, _ = prefilled(model, "fp16", 10)
+    dec = Decoder(model, cache, greedy, persistent=True)
+    good = pd.PersistentStep(model)
+    dec.persistent = pd.PersistentStep(model, blocks=2 * good.blocks)
+    start = time.perf_counter()
+    y = dec(mx.array([3], mx.uint32))
+    with pytest.raises(pd.DecodeKernelError, match="grid barrier waited longer"):
+        dec.check(y.item())
+    # one WAIT_NS for the first wave, and the second wave returns at once (the error flag)
+    assert time.perf_counter() - start < 3 * pd.WAIT_NS / 1e9 + 5
+    dec.persistent = good  # a resident grid works again
+    y = dec(mx.array([3], mx.uint32))
+    assert 0 <= dec.check(y.item()) < model.args.vocab_size
+
+
+@pytest.mark.model
+def test_default_model_greedy_tokens_are_the_fused_steps():
+    """64 greedy tokens of the default model, persistent against fused: the same sums in the
+    same order, so the same tokens."""
+    import quantref_mlx
+
+    from conftest import default_model_path
+
+    model = quantref_mlx.load(default_model_path())
+    prompt = model.tokenizer.encode("The capital of France is")
+    out = {}
+    for name, opts in (("fused", {}), ("persistent", dict(persistent=True))):
+        cache, y = prefilled_ids(model, prompt)
+        dec = Decoder(model, cache, greedy, **opts)
+        tokens = []
+        for _ in range(64):
+            y = dec(y)
+            tokens.append(dec.check(y.item()))
+        out[name] = tokens
+    assert out["persistent"] == out["fused"]
+
+
+def prefilled_ids(model, ids):
+    cache = model.make_cache("fp16")
+    logits = model.forward(ids, cache, last_only=True)
+    y = greedy(logits)
+    mx.eval(y, cache.state())
+    return cache, y
