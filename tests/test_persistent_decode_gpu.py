@@ -99,7 +99,9 @@ def test_a_grid_that_cannot_be_resident_fails_in_bounded_time(model):
     dec.persistent = pd.PersistentStep(model, blocks=2 * good.blocks)
     start = time.perf_counter()
     y = dec(mx.array([3], mx.uint32))
-    with pytest.raises(pd.DecodeKernelError, match="grid barrier waited longer"):
+    # (a block of the second wave that finds the flag already set may report "an earlier
+    # launch failed" in its place)
+    with pytest.raises(pd.DecodeKernelError, match="grid barrier waited longer|earlier launch"):
         dec.check(y.item())
     # one WAIT_NS for the first wave, and the second wave returns at once (the error flag)
     assert time.perf_counter() - start < 3 * pd.WAIT_NS / 1e9 + 5
@@ -109,14 +111,12 @@ def test_a_grid_that_cannot_be_resident_fails_in_bounded_time(model):
 
 
 @pytest.mark.model
-def test_default_model_greedy_tokens_are_the_fused_steps():
+def test_default_model_greedy_tokens_are_the_fused_steps(default_model_path):
     """64 greedy tokens of the default model, persistent against fused: the same sums in the
     same order, so the same tokens."""
     import quantref_mlx
 
-    from conftest import default_model_path
-
-    model = quantref_mlx.load(default_model_path())
+    model = quantref_mlx.load(default_model_path)
     prompt = model.tokenizer.encode("The capital of France is")
     out = {}
     for name, opts in (("fused", {}), ("persistent", dict(persistent=True))):
