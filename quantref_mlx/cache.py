@@ -319,6 +319,28 @@ class KVCache(CacheSizes):
             s = tail if lo == 0 else mx.concatenate([s[..., :lo], tail], axis=-1)
         return self._sync(s)
 
+    def prefill_attention(self, layer: int, q: mx.array, scale: float,
+                          sliding_window: int = 0) -> mx.array | None:
+        """This chunk's attention output ``float32 [T, n_heads * head_dim]`` for its queries
+        ``q float32 [n_heads, T, head_dim]`` (after :meth:`append`), from one CUDA kernel that
+        reads the turbo_kv blocks (:mod:`quantref_mlx.turbo_prefill`): scores times ``scale``,
+        causal (and within ``sliding_window`` keys if not 0), softmax, values. None where the
+        plain graph runs instead: one query row (decode keeps its own path), not CUDA, not a
+        turbo_kv cache, or shapes the kernel does not cover."""
+        from . import turbo_prefill
+        from .fused_decode import TurboSpec
+
+        n_heads, T, d = q.shape
+        if T < 2 or not turbo_prefill.available() or self._pending[layer] != T:
+            return None
+        spec = TurboSpec.of(self)
+        if turbo_prefill.why_not(spec, n_heads, self.n_kv_heads, d):
+            return None
+        (kbuf,), (vbuf,) = self._k[layer].arrays, self._v[layer].arrays
+        kw = self._k_exact[layer] if self.k_window else None  # positions L - NX .. L - 1
+        return self._sync(turbo_prefill.attend(q, kbuf, vbuf, self.length, spec, scale, kw,
+                                               sliding_window))
+
     def values(self, layer: int) -> mx.array:
         """``float32 [n_kv_heads, L, head_dim]``."""
         return self._sync(self.v_codec.decode(

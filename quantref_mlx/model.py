@@ -383,6 +383,12 @@ class Model:
             L = offset + T if isinstance(offset, int) else cache.capacity
             wm = window_mask(offset, T, L, a.sliding_window)
             mask = wm if mask is None else mask + wm
+        # turbo_kv caches on CUDA, a chunk of T > 1 rows: one kernel reads the blocks and gives
+        # the attention output (quantref_mlx.turbo_prefill); None where the graph below runs
+        prefill = getattr(cache, "prefill_attention", None)  # KVCache's, not StepCache's
+        out = prefill(layer, q, scale, a.sliding_window if swa else 0) if prefill else None
+        if out is not None:
+            return op(lw.wo(out))
         if cache.fused_attention:
             # fp32 / fp16 caches: MLX's attention kernel does scores, mask, softmax and values
             # in one dispatch (GQA included) instead of five.

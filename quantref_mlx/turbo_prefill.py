@@ -1,0 +1,129 @@
+"""Prefill attention of a turbo_kv cache in one CUDA kernel per layer, reading the key blocks.
+
+A chunk of ``T > 1`` tokens (prefill, perplexity windows) attends, in the plain graph
+(:meth:`quantref_mlx.model.Model.attention`), through the cache's codec: scores from the stored
+blocks (the compiled codebook function, or the keys dequantized), the mask, a softmax and the
+decoded values, as many MLX operations over a ``[n_heads, T, L]`` score array. On CUDA this
+module replaces all of that with ``turbo_prefill_attend.cu`` (see the comment that opens it):
+one block per (query row, head) walks the row's keys ``t <= p`` in the stored blocks, with the
+score path, value storage and k-window of the cache, an online softmax, and writes the
+attention output ``[T, n_heads * head_dim]``. The chunk's keys are quantized before (by
+``turbo_kv_quantize.cu``, one launch per layer, in :meth:`quantref_mlx.cache.KVCache.append`),
+so a row scores its own chunk's keys compressed, as the oracle does.
+
+Used by :meth:`quantref_mlx.cache.KVCache.prefill_attention` when :func:`available` (CUDA) and
+:func:`why_not` is None; decode steps (``T == 1``) keep their own paths. ``USE`` switches it:
+None (default) on CUDA only, False never (the plain graph: ``bench/decode_speed.py``'s
+comparison rows), True always, which ``tools/nvrtc_check.py`` sets to record its launches on
+the CPU (there ``mx.fast.cuda_kernel`` is a recorder that returns zeros).
+
+Exactness: scores are float32 sums in another order than the oracle's float64 matmul (within
+1e-5 of a row's largest score, ``tests/test_turbo_prefill_gpu.py``), never TF32 (the plain
+graph's matmuls are, on CUDA, unless ``MLX_ENABLE_TF32=0``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+from . import kernels
+from .fused_decode import TurboSpec
+
+__all__ = ["NW", "U", "USE", "attend", "available", "why_not"]
+
+USE: bool | None = None  # None: on CUDA; False: never; True: always (nvrtc_check's recording)
+NW = 4  # warps per (query row, head) block: a row's keys are split among them
+U = 4  # keys a warp loads at once
+WARP = 32
+
+
+def available() -> bool:
+    """Whether prefill attention takes the kernel here (see ``USE``)."""
+    if USE is not None:
+        return USE
+    cuda = getattr(mx, "cuda", None)
+    return (mx.default_device().type == mx.DeviceType.gpu and cuda is not None
+            and cuda.is_available())
+
+
+def why_not(spec: TurboSpec | None, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
+    """None when the kernel covers this cache and these shapes; else why not."""
+    if spec is None:
+        return "not a turbo_kv cache"
+    if spec.v_type not in TurboSpec.V_TYPES:
+        return f"turbo_kv values {spec.v_type!r}"
+    # whole 128-element chunks, or one power-of-two chunk (the butterfly needs no pass-through);
+    # a lane's DPL = head_dim / 32 indices fit one 64-bit word up to 8 (7 + 5 * 8 bits)
+    if not (head_dim % 128 == 0 or head_dim & (head_dim - 1) == 0) or head_dim % WARP \
+            or head_dim > 256:
+        return f"head_dim {head_dim} (32, 64, 128 or 256 only)"
+    if n_heads % n_kv_heads:
+        return "query heads not a multiple of KV heads"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _kernel(spec: TurboSpec, scale: float, scores: bool = False):
+    """The kernel for ``spec`` with the attention scale compiled in (an exact float32 literal);
+    ``scores``: also the scores output (``TP_SCORES``, for tests). The name carries a hash of
+    the source: MLX caches compiled kernels by name."""
+    header = f"#define TP_SCALE {float(np.float32(scale)).hex()}f\n"
+    if scores:
+        header += "#define TP_SCORES 1\n"
+    header += spec.header()
+    source = kernels.source("turbo_prefill_attend.cu")
+    digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
+    inputs = ["q", "kc", "vc"] + (["kw"] if spec.window else []) + ["pos"]
+    outputs = ["out"] + (["scores"] if scores else [])
+    return mx.fast.cuda_kernel(name=f"turbo_prefill_attend_{digest}", input_names=inputs,
+                               output_names=outputs, source=source, header=header)
+
+
+def attend(q: mx.array, kbuf: mx.array, vbuf: mx.array, offset: int, spec: TurboSpec,
+           scale: float, kw: mx.array | None = None, sliding_window: int = 0, *,
+           scores: bool = False) -> mx.array | tuple[mx.array, mx.array]:
+    """The chunk's attention output: ``q float32 [n_heads, T, head_dim]`` (after RoPE) at
+    positions ``offset .. offset + T - 1`` against the stored keys ``kbuf uint8 [n_kv_heads,
+    capacity, n_chunks, block_bytes]`` and values ``vbuf`` (``[n_kv_heads, capacity, head_dim]``
+    float32 / float16, or ``uint8 [n_kv_heads, capacity, v_bytes]`` for q4 / q2), positions
+    ``0 .. offset + T - 1`` filled (this chunk's too) -> ``float32 [T, n_heads * head_dim]``.
+
+    ``kw float32 [n_kv_heads, NX, head_dim]``: with a k-window (``spec.window``), the float
+    keys of positions ``offset + T - NX .. offset + T - 1`` (at least the window of every row:
+    ``NX >= min(window, offset) + T``). ``sliding_window``: a sliding-window layer's width (0:
+    none). ``scale`` multiplies the scores (``1/sqrt(head_dim)``, or 1). ``scores=True`` also
+    returns ``float32 [n_heads, T, capacity]`` (each score times ``scale``; 0 where a row sees
+    no key). Raises ``ValueError`` for shapes the kernel does not cover."""
+    nh, T, hd = q.shape
+    nkv, cap = kbuf.shape[0], kbuf.shape[1]
+    why = why_not(spec, nh, nkv, hd)
+    if why:
+        raise ValueError(f"turbo_prefill_attend: {why}")
+    if offset + T > cap or vbuf.shape[:2] != (nkv, cap):
+        raise ValueError(f"buffers of {cap} tokens (K) / {vbuf.shape[1]} (V) for positions up "
+                         f"to {offset + T}")
+    nx = 0
+    if spec.window:
+        if kw is None or kw.shape[0] != nkv or kw.shape[2] != hd:
+            raise ValueError("a k-window needs its float keys kw [n_kv_heads, NX, head_dim]")
+        nx = kw.shape[1]
+        if nx < min(spec.window, offset) + T:
+            raise ValueError(f"kw holds {nx} keys; the chunk's rows need "
+                             f"{min(spec.window, offset) + T}")
+    # four elements, not one: see quantref_mlx.fused_decode._kernel on small arrays
+    pos = mx.array(np.array([offset, nx, 0, 0], np.int32))
+    inputs = [q.astype(mx.float32), kbuf, vbuf] \
+        + ([kw.astype(mx.float32)] if spec.window else []) + [pos]
+    template = [("NH", nh), ("NKV", nkv), ("HD", hd), ("DPL", hd // WARP), ("NW", NW),
+                ("U", U)] + spec.template(hd) + [("SWIN", int(sliding_window))]
+    outs = _kernel(spec, float(scale), scores)(
+        inputs=inputs, template=template,
+        output_shapes=[(T, nh * hd)] + ([(nh, T, cap)] if scores else []),
+        output_dtypes=[mx.float32] * (2 if scores else 1),
+        grid=(T * nh * NW * WARP, 1, 1), threadgroup=(NW * WARP, 1, 1),
+        **({"init_value": 0.0} if scores else {}))
+    return (outs[0], outs[1]) if scores else outs[0]
