@@ -32,22 +32,29 @@ import numpy as np
 
 from _common import machine  # bench/ is the script's folder, so on sys.path
 
-MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-op")
+MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-op",
+         "mlx-prefill-plain")
 # mlx: lazy, one evaluation per token, as generation runs it (quantref_mlx.generate.Decoder's
 #   defaults: on CUDA with an fp32/fp16 cache the fused-kernel step, compiled; turbo_kv caches
 #   on a GPU the plain graph, compiled; otherwise the plain graph);
 # mlx-plain: lazy, the plain graph built op by op in Python each step, not compiled;
 # mlx-plain-c: lazy, the plain graph compiled (mx.compile);
 # mlx-fused-eager: lazy, the fused-kernel step (quantref_mlx.fused_decode), not compiled;
-# mlx-op: an evaluation after every operation (the per-op-sync pattern, --sync-every-op).
-DECODER = {"mlx": {}, "mlx-plain": dict(compiled=False, fused=False),
+# mlx-op: an evaluation after every operation (the per-op-sync pattern, --sync-every-op);
+# mlx-prefill-plain: as mlx, but a turbo_kv cache's prefill attention runs the plain graph
+#   instead of its CUDA kernel (quantref_mlx.turbo_prefill, which mlx uses on CUDA): the
+#   prefill column's comparison (turbo_kv caches only).
+DECODER = {"mlx": {}, "mlx-prefill-plain": {}, "mlx-plain": dict(compiled=False, fused=False),
            "mlx-plain-c": dict(compiled=True, fused=False),
            "mlx-fused-eager": dict(compiled=False, fused=True), "mlx-op": dict(fused=False)}
 DEFAULT_MODES = ("numpy", "mlx", "mlx-plain", "mlx-op")
 
 
 def applies(mode: str, kv: str) -> bool:
-    """Whether ``mode`` can decode with a ``kv`` cache (the fused step: fp32 / fp16 only)."""
+    """Whether ``mode`` can decode with a ``kv`` cache (the fused step: fp32 / fp16 only;
+    the plain prefill's comparison: turbo_kv only)."""
+    if mode == "mlx-prefill-plain":
+        return kv.startswith("turbo_kv")
     return mode != "mlx-fused-eager" or kv in ("fp32", "fp16")
 
 
@@ -122,7 +129,19 @@ def timed_decode(step, y, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def run_mlx(model, kv, ctx, steps, chunk, decoder_options):
+def run_mlx(model, kv, ctx, steps, chunk, decoder_options, plain_prefill=False):
+    """Prefill and decode tokens/s; ``plain_prefill``: a turbo_kv cache's prefill attention
+    through the plain graph, not its CUDA kernel (``quantref_mlx.turbo_prefill.USE``)."""
+    from quantref_mlx import turbo_prefill
+
+    turbo_prefill.USE = False if plain_prefill else None
+    try:
+        return _run_mlx(model, kv, ctx, steps, chunk, decoder_options)
+    finally:
+        turbo_prefill.USE = None
+
+
+def _run_mlx(model, kv, ctx, steps, chunk, decoder_options):
     import mlx.core as mx
 
     from quantref.generate import SamplerArgs
@@ -160,7 +179,8 @@ def warm_up(models, kvs, chunk) -> None:
         for kv in kvs:
             if applies(mode, kv):
                 try:
-                    run_mlx(model, kv, 300, 2, chunk, DECODER[mode])
+                    run_mlx(model, kv, 300, 2, chunk, DECODER[mode],
+                            mode == "mlx-prefill-plain")
                 except Exception:  # noqa: BLE001 - the timed row reports the error
                     pass
     mx.synchronize()
@@ -300,7 +320,7 @@ def main() -> None:
                         prefill, decode = run_numpy(models[mode], kv, ctx, steps, args.chunk)
                     else:
                         prefill, decode = run_mlx(models[mode], kv, ctx, steps, args.chunk,
-                                                  DECODER[mode])
+                                                  DECODER[mode], mode == "mlx-prefill-plain")
                     rows.append(dict(ctx=ctx, kv=kv, mode=mode, prefill=prefill, decode=decode))
                 except Exception as e:  # noqa: BLE001 - one failure must not lose the table
                     rows.append(dict(ctx=ctx, kv=kv, mode=mode, error=f"{type(e).__name__}: {e}"))
@@ -322,26 +342,27 @@ def main() -> None:
     print(f"model:   {source}; MLX weights {layout}; decode steps {args.steps} (lazy MLX), "
           f"{args.slow_steps} (numpy, per-op MLX); prefill chunk {args.chunk}")
     print("| context | KV | mode | prefill tok/s | decode tok/s | decode vs lazy MLX, same KV "
-          "| decode vs lazy MLX fp16 | decode vs llama.cpp q4_0 KV |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| decode vs lazy MLX fp16 | decode vs llama.cpp q4_0 KV | prefill vs lazy MLX fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def find(ctx, kv, mode):
         return next((x for x in rows if x["ctx"] == ctx and x["kv"] == kv
                      and x["mode"] == mode and "error" not in x), None)
 
-    def ratio(r, ref):
-        return f"{r['decode'] / ref['decode']:.2f}x" if ref else "-"
+    def ratio(r, ref, what="decode"):
+        return f"{r[what] / ref[what]:.2f}x" if ref else "-"
 
     for r in rows:
         if "error" in r:
-            print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['error']} | | | | |")
+            print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['error']} | | | | | |")
             continue
         q4 = [x for x in rows if x["ctx"] == r["ctx"] and x["kv"] == "q4_0" and "error" not in x
               and x["mode"].startswith("llama.cpp")]
         best_q4 = max(q4, key=lambda x: x["decode"]) if q4 else None  # the faster of its runs
         print(f"| {r['ctx']} | {r['kv']} | {r['mode']} | {r['prefill']:.0f} | "
               f"{r['decode']:.1f} | {ratio(r, find(r['ctx'], r['kv'], 'mlx'))} | "
-              f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'))} | {ratio(r, best_q4)} |")
+              f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'))} | {ratio(r, best_q4)} | "
+              f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'), 'prefill')} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
