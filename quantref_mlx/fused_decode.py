@@ -117,6 +117,8 @@ def _kernel(which: str, eps: float, scale: float, quantized: tuple[bool, ...] = 
     header += defines + kernels.source("fused_common.cuh")
     if turbo is not None:
         header += turbo.header()
+        if file == "turbo_attend.cu":
+            header += kernels.source("turbo_attend.cuh")
     source = kernels.source(file)
     digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"fused_{which}_{digest}", input_names=inputs,

@@ -188,7 +188,8 @@ class Decoder:
     - otherwise the plain graph, built op by op (:func:`decode_step`).
 
     ``persistent=True``: the whole token in one kernel launch
-    (:mod:`quantref_mlx.persistent_decode`; CUDA, 4-bit layers, fp32 / fp16 caches), the same
+    (:mod:`quantref_mlx.persistent_decode`; CUDA, 4-bit layers, fp32 / fp16 and turbo_kv caches
+    without a k-window), the same
     logits as the fused step bit for bit; with a greedy sampler (:func:`greedy`) the kernel's
     own argmax is the token. Read tokens back through :meth:`check`, which raises if the
     kernel stopped instead of finishing.
@@ -206,7 +207,7 @@ class Decoder:
             why = persistent_supported(model, cache)
             if why:
                 raise ValueError(f"no persistent decode step here: {why}")
-            self.persistent = PersistentStep(model)
+            self.persistent = PersistentStep(model, TurboSpec.of(cache))
             self._whole = None  # (kc, vc): the cache's buffers, whole-model
             self._pos = None
             self._next = None  # the last step's (token view, next int32 [4])

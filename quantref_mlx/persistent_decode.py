@@ -20,7 +20,8 @@ into a :class:`DecodeKernelError`, and the step starts over with a fresh scratch
 Scope: CUDA; llama-block models whose layer matrices are all 4-bit MLX-quantized (the GGUF's
 Q4_0 / Q4_1; the embedding and output may be 8-bit or float: at 512 threads a block, 8-bit
 layers would need more registers than an SM has); fp32 / fp16 caches
-without a k-window (:func:`supported`). The step reads the layers' weights from three arrays
+without a k-window, and turbo_kv caches without a k-window (attention: ``fd_turbo_attend``, the
+fused step's ``turbo_attend.cu``) (:func:`supported`). The step reads the layers' weights from three arrays
 that concatenate them (built once: ~the layers' size again in GPU memory) and the cache from
 whole-model buffers ``[n_layers, n_kv_heads, capacity, head_dim]`` (the decoder stacks the
 cache's per-layer buffers once per capacity and hands the cache views of them).
@@ -85,8 +86,9 @@ def supported(model: "Model", cache: "KVCache") -> str | None:
     why = fd.supported(model, cache)
     if why:
         return why
-    if fd.TurboSpec.of(cache) is not None:
-        return "turbo_kv caches (the persistent step reads fp32 / fp16 caches)"
+    turbo = fd.TurboSpec.of(cache)
+    if turbo is not None and turbo.window:
+        return "a k-window (the persistent step reads turbo_kv caches without one)"
     layers = [_roles(lw) for lw in model.weights.layers]
     # 4 bits only: with 8-bit matrices the kernel needs 168 registers a thread (ptxas, sm_90:
     # tools/nvrtc_check.py --resources), more than 512 resident threads an SM can have
@@ -103,12 +105,15 @@ class PersistentStep:
     [vocab])``: one decoded token as one launch (lazy; builds the graph only). ``token[0]``:
     the input id (the last step's ``next``); ``pos[0]``: its position; ``kc``, ``vc``: the
     whole-model cache buffers ``[n_layers, n_kv_heads, capacity, head_dim]``, float32 or
-    float16, which the kernel writes in place (the caller owns them). ``next[0]``: the greedy
+    float16, or with ``turbo`` (:meth:`TurboSpec.of` the cache) turbo_kv blocks ``[n_layers,
+    n_kv_heads, capacity, n_chunks, block_bytes]`` and the values' storage, which the kernel
+    writes in place (the caller owns them). ``next[0]``: the greedy
     token, or -1 with the reason in ``next[1]`` (:meth:`error`)."""
 
-    def __init__(self, model: "Model", blocks: int | None = None):
+    def __init__(self, model: "Model", turbo: "fd.TurboSpec | None" = None,
+                 blocks: int | None = None):
         a, w = model.args, model.weights
-        self.args, self.weights = a, w
+        self.args, self.weights, self.turbo = a, w, turbo
         self.blocks = min(blocks or sm_count() or 0, _MAX_BEST)
         if self.blocks < 1:
             raise ValueError("no CUDA device to size the persistent step's grid")
@@ -155,8 +160,10 @@ class PersistentStep:
                     ("SL", fd.FFN_UNITS), ("VOCAB", out.weight.shape[0]),
                     ("BQKV", self.bits[0]), ("BO", self.bits[1]), ("BGU", self.bits[2]),
                     ("BDN", self.bits[3]), ("EBITS", emb.bits), ("OBITS", out.bits)]
+        if self.turbo is not None:
+            template += self.turbo.template(a.head_dim)
         vocab = out.weight.shape[0]
-        logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits))(
+        logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo)(
             inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
             output_dtypes=[mx.float32, mx.int32], grid=(self.blocks * WARPS * fd.WARP, 1, 1),
             threadgroup=(WARPS * fd.WARP, 1, 1))
@@ -170,7 +177,8 @@ class PersistentStep:
 
 
 @lru_cache(maxsize=None)
-def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool):
+def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool,
+            turbo: "fd.TurboSpec | None" = None):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -181,7 +189,10 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_MAX_SPLITS {fd.ATTEND_MAX_SPLITS}\n"
               + f"#define FD_SPLIT_KEYS {fd.ATTEND_SPLIT_KEYS}\n"
               + f"#define FD_WAIT_NS {WAIT_NS}ull\n"
+              + f"#define FD_TURBO {int(turbo is not None)}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
+    if turbo is not None:
+        header += turbo.header() + kernels.source("turbo_attend.cuh")
     source = kernels.source("persistent.cu")
     digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"persistent_{digest}", input_names=names,

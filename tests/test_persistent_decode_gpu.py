@@ -5,7 +5,8 @@
 
 It runs the fused step's own functions on the same block indices, so the checks are exact:
 - its logits are the fused step's bit for bit, step after step, with one block per head and
-  with split heads, fp32 and fp16 caches, and the caches it writes are the fused step's;
+  with split heads, fp32, fp16 and turbo_kv caches, and the caches it writes are the fused
+  step's, byte for byte;
 - its token is ``argmax`` of its logits;
 - a bad token, or a grid that cannot be all resident, ends in a DecodeKernelError within a
   bounded time, never a hang, and the step works again afterwards;
@@ -42,22 +43,27 @@ def model():
     return from_oracle(np_model, weights="quantized", bits=4, embed_bits=8)
 
 
-def prefilled(model, kv, n):
-    cache = model.make_cache(kv)
+def prefilled(model, kv, n, **options):
+    cache = model.make_cache(kv, **options)
     ids = [1 + i * 7 % (model.args.vocab_size - 1) for i in range(n)]
     logits = model.forward(ids, cache, last_only=True)
     mx.eval(logits, cache.state())
     return cache, greedy(logits)
 
 
-@pytest.mark.parametrize("kv", ["fp16", "fp32"])
+CACHES = [("fp16", {}), ("fp32", {}), ("turbo_kv_4b", {}),
+          ("turbo_kv_5b", dict(score_path="dequant", v="q4")),
+          ("turbo_kv_3b", dict(score_path="fp32_codebook", v="fp32"))]
+
+
+@pytest.mark.parametrize("kv, options", CACHES, ids=[f"{k}-{'-'.join(o.values())}" for k, o in CACHES])
 @pytest.mark.parametrize("ctx, capacity", [(20, 256), (600, 1024)], ids=["one-split", "splits"])
-def test_logits_are_the_fused_steps_bit_for_bit(model, kv, ctx, capacity):
+def test_logits_are_the_fused_steps_bit_for_bit(model, kv, options, ctx, capacity):
     identity = lambda logits: logits  # noqa: E731 - hands the logits back
-    fused_cache, y = prefilled(model, kv, ctx)
+    fused_cache, y = prefilled(model, kv, ctx, **options)
     fused_cache.reserve(capacity)  # the same capacity, so the same splits per head
     fused = Decoder(model, fused_cache, identity, fused=True, compiled=False)
-    pers_cache, _ = prefilled(model, kv, ctx)
+    pers_cache, _ = prefilled(model, kv, ctx, **options)
     pers_cache.reserve(capacity)
     pers = Decoder(model, pers_cache, greedy, persistent=True)
     assert pers_cache.capacity == fused_cache.capacity == capacity

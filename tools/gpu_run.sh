@@ -1,21 +1,41 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of the fused decode step, as run on the lent H200 (device tool),
-# from the project root with ../shared/device/{mlx-cuda,llamacpp-cuda} copied into .device/.
-#   bash tools/gpu_run.sh setup     # MLX's CUDA wheel into /tmp/site; llama-bench built
-#   bash tools/gpu_run.sh tests     # tests/test_fused_decode*.py (the default model's test too
-#                                   # when QUANTREF_CACHE holds it)
+# The GPU checks and benchmarks of the fused and persistent decode steps, as run on the lent H200
+# (device tool), from the project root with ../shared/device/{mlx-cuda,llamacpp-cuda} copied into
+# .device/.
+#   bash tools/gpu_run.sh setup     # MLX's CUDA wheel into /tmp/site; llama-bench built (background)
+#   bash tools/gpu_run.sh tests     # the CUDA-only tests (the default model's too when
+#                                   # QUANTREF_CACHE holds it)
+#   bash tools/gpu_run.sh quick     # fused vs persistent decode, fp16, contexts 128 and 4096
 #   bash tools/gpu_run.sh bench     # bench/decode_speed.py with llama.cpp's and mlx-lm's rows
+# The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
+# bytes) and .device/m2/part (the rest) travel in two calls on the same machine:
+#   bash tools/gpu_run.sh model1    # keeps the first part in /tmp
+#   bash tools/gpu_run.sh model2    # joins it with the second into $QUANTREF_CACHE
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD
 export MLX_ENABLE_TF32=0  # the plain graph's float32 matmuls in float32, as the oracle's
+export QUANTREF_CACHE=${QUANTREF_CACHE:-/tmp/qcache}
 case "${1:-}" in
 setup)
   bash .device/mlx-cuda/install.sh
   (bash .device/llamacpp-cuda/build.sh > /tmp/llbuild.log 2>&1; echo "rc=$?" >> /tmp/llbuild.log) &
   ;;
+model1)
+  cp .device/m1/part /tmp/m1part
+  ;;
+model2)
+  mkdir -p "$QUANTREF_CACHE"
+  cat /tmp/m1part .device/m2/part > "$QUANTREF_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+  ls -la "$QUANTREF_CACHE"
+  ;;
 tests)
-  python3 -m pytest -q -p no:cacheprovider tests/test_fused_decode.py tests/test_fused_decode_gpu.py \
-    "${@:2}"
+  python3 -m pytest -q -p no:cacheprovider -m "" tests/test_fused_decode.py \
+    tests/test_fused_decode_gpu.py tests/test_persistent_decode_gpu.py \
+    tests/test_turbo_prefill_gpu.py "${@:2}"
+  ;;
+quick)
+  python3 bench/decode_speed.py --weights quantized --modes mlx,mlx-persistent --kv fp16 \
+    --contexts 128,4096 "${@:2}"
   ;;
 bench)
   B=/tmp/llamacpp/llama.cpp/build/bin/llama-bench
@@ -23,9 +43,9 @@ bench)
   xz -dc .device/llamacpp-cuda/smollm2-135m-header.Q4_1.gguf.xz > /tmp/h.gguf
   python3 .device/llamacpp-cuda/random_gguf.py /tmp/h.gguf /tmp/smollm2-random.gguf
   nvidia-smi --query-gpu=name,clocks.max.sm,memory.total,driver_version --format=csv,noheader
-  python3 bench/decode_speed.py --weights quantized --modes mlx,mlx-plain \
-    --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,1024,4096 \
+  python3 bench/decode_speed.py --weights quantized --modes mlx,mlx-persistent,mlx-plain \
+    --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,1024,4096,8192 \
     --llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf --mlx-lm "${@:2}"
   ;;
-*) echo "usage: $0 setup|tests|bench"; exit 2 ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|bench"; exit 2 ;;
 esac

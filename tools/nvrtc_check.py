@@ -175,13 +175,13 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
                         step.attend_scores(q, kv, k[0][0], v[0][0], fd.position(3),
                                            *[w[0] for w in window])
                     cache.give_buffers(k, v, 0)
-                if weights == "quantized" and kv in ("fp32", "fp16"):  # the persistent step
+                if weights == "quantized" and not options.get("k_window"):  # persistent step
                     from quantref_mlx import persistent_decode as pd
 
                     k, v = cache.take_buffers()
                     kc, vc = (mx.stack([b[0] for b in bufs]) for bufs in (k, v))
-                    pd.PersistentStep(model, blocks=132)(mx.array([1, 0, 0, 0], mx.int32),
-                                                         fd.position(3), kc, vc)
+                    pd.PersistentStep(model, fd.TurboSpec.of(cache), blocks=132)(
+                        mx.array([1, 0, 0, 0], mx.int32), fd.position(3), kc, vc)
                     cache.give_buffers(k, v, 0)
         # the turbo_kv quantizer / dequantizer kernels, every kind
         for kind in mtk.KINDS:

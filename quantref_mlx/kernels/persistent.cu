@@ -7,8 +7,9 @@ the same functions (fused_common.cuh) on the same block indices, so the same sum
 order: the logits are the fused step's bit for bit. Per token:
   x = embedding row of token[0]                                            (phase E)
   per layer l: q, k, v = RoPE(Wqkv rms_norm(x))        fd_qkv_rope_unit, one warp per unit
-               x' = x + Wo attention(q, cache, k, v)   fd_attend (+ fd_merge_project when the
-                                                       capacity splits a head: one more phase)
+               x' = x + Wo attention(q, cache, k, v)   fd_attend, or fd_turbo_attend for a turbo_kv
+                                                       cache (+ fd_merge_project when the capacity
+                                                       splits a head: one more phase)
                x  = x' + W2 (silu(g) * u)              fd_ffn, one virtual block per SL units
   logits = Wout rms_norm(x) * nw; token = the first index of the largest logit.
 A virtual block of a fused kernel (block vb of its grid) is taken by block vb % gridDim.x, in
@@ -25,7 +26,8 @@ Inputs:  token int32 [4] (the id in token[0]: the previous step's output), pos i
          woff int64 [NL, 4, 2] (per layer and matrix - Wqkv, Wo, W gate|up, W down - the offset of
          its codes and of its scales / biases, in elements), inv_freq float32 [HD / 2],
          kc, vc [NL, NKV, CAP, HD] float32 or float16 (positions < L - 1 filled; this token's k
-         and v are written at L - 1, in place), scratch float32 [FD_SCRATCH] (the step's own:
+         and v are written at L - 1, in place); with FD_TURBO 1 kc uint8 [NL, NKV, CAP, NC, BB]
+         (turbo_kv blocks) and vc the values' storage [NL, NKV, CAP, HD or VB] (turbo_attend.cu), scratch float32 [FD_SCRATCH] (the step's own:
          the barrier counter and error flag, the fd_project parts and counters, activations;
          zero at creation, left ready for the next launch).
 Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[1] 0, or on
@@ -33,7 +35,8 @@ Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[
          blocks were not all resident: another kernel held SMs), 2 token[0] out of range,
          3 an earlier launch failed (the scratch's error flag is set: the host makes a new one).
 Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (the four matrices'
-         bits, 4 or 8), EBITS, OBITS (embedding, output: 0 float, 4 or 8). */
+         bits, 4 or 8), EBITS, OBITS (embedding, output: 0 float, 4 or 8); FD_TURBO 1 also
+         KBITS, BB, NC, NLEV, PATH, VT, VB, W (TurboSpec.template; W 0: no k-window). */
     constexpr int Q_ROWS = NH * HD;
     constexpr int KV_ROWS = 2 * NKV * HD;
     constexpr int UNITS = (Q_ROWS + KV_ROWS) / 2;
@@ -47,7 +50,11 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     constexpr int OFF_KV = OFF_Q + Q_ROWS;                 /* in the cache's dtype */
     constexpr int OFF_SPLITS = OFF_KV + KV_ROWS;           /* NH * FD_MAX_SPLITS * (HD + 2) */
     constexpr int OFF_BEST = OFF_SPLITS + ((NH * FD_MAX_SPLITS * (HD + 2) + 3) / 4) * 4;
-    using KT = typename fd_elem<decltype(kc)>::type;  /* float or __half */
+#if FD_TURBO
+    using KT = float;  /* this token's k and v: turbo_kv quantizes the key from float32 */
+#else
+    using KT = typename fd_elem<decltype(kc)>::type;  /* float or __half: the cache's */
+#endif
     float* sp = const_cast<float*>(scratch);
     unsigned* bar = reinterpret_cast<unsigned*>(sp);      /* [0] arrivals, [1] error */
     float* xa = sp + OFF_XA;
@@ -89,9 +96,13 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         const uint32_t* wdn = codes + off[6];
         const float* nw_attn = lnw + (size_t)layer * 2 * DIM;
         const float* nw_ffn = nw_attn + DIM;
-        const size_t kv_stride = (size_t)NKV * cap * HD;
-        const KT* kcl = kc + layer * kv_stride;
-        const KT* vcl = vc + layer * kv_stride;
+#if FD_TURBO  /* blocks [NKV, CAP, NC, BB] and values [NKV, CAP, HD or VB] a layer */
+        const auto* kcl = kc + layer * ((size_t)NKV * cap * NC * BB);
+        const auto* vcl = vc + layer * ((size_t)NKV * cap * (VT >= 2 ? VB : HD));
+#else
+        const KT* kcl = kc + layer * ((size_t)NKV * cap * HD);
+        const KT* vcl = vc + layer * ((size_t)NKV * cap * HD);
+#endif
 
         for (int unit = gw; unit < UNITS; unit += nwarps)
             fd_qkv_rope_unit<DIM, BQKV, HD, Q_ROWS, Q_ROWS + KV_ROWS / 2>(
@@ -101,17 +112,32 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 
         if (S == 1) {
             for (int vb = b; vb < NH; vb += nb) {
+#if FD_TURBO
+                fd_turbo_attend<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB, 0,
+                                false, false, DIM, BO>(
+                    vb, NH, qv, kvt, kcl, vcl, (const float*)nullptr, cap, pos, wo,
+                    scales + off[3], biases + off[3], xa, sp + OFF_PA, xb, nullptr);
+#else
                 fd_attend<NH, NKV, HD, DPL, NW, U, false, DIM, BO>(
                     vb, NH, qv, kvt, kcl, vcl, cap, pos, wo, scales + off[3], biases + off[3], xa,
                     sp + OFF_PA, xb);
+#endif
                 __syncthreads();  /* the block's shared memory, free for its next index */
             }
         } else {
             for (int vb = b; vb < NH * S; vb += nb) {
+#if FD_TURBO
+                fd_turbo_attend<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB, 0,
+                                true, false, 0, 0>(
+                    vb, NH * S, qv, kvt, kcl, vcl, (const float*)nullptr, cap, pos,
+                    (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
+                    (const float*)nullptr, (const float*)nullptr, splits, nullptr);
+#else
                 fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
                     vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
                     (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
                     (const float*)nullptr, splits);
+#endif
                 __syncthreads();
             }
             if (!fd_grid_sync(bar)) goto failed;
