@@ -32,21 +32,23 @@ import numpy as np
 
 from _common import machine  # bench/ is the script's folder, so on sys.path
 
-MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-op",
-         "mlx-prefill-plain")
+MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-persistent",
+         "mlx-op", "mlx-prefill-plain")
 # mlx: lazy, one evaluation per token, as generation runs it (quantref_mlx.generate.Decoder's
 #   defaults: on CUDA with an fp32/fp16 cache the fused-kernel step, compiled; turbo_kv caches
 #   on a GPU the plain graph, compiled; otherwise the plain graph);
 # mlx-plain: lazy, the plain graph built op by op in Python each step, not compiled;
 # mlx-plain-c: lazy, the plain graph compiled (mx.compile);
 # mlx-fused-eager: lazy, the fused-kernel step (quantref_mlx.fused_decode), not compiled;
+# mlx-persistent: lazy, the whole token in one launch (quantref_mlx.persistent_decode);
 # mlx-op: an evaluation after every operation (the per-op-sync pattern, --sync-every-op);
 # mlx-prefill-plain: as mlx, but a turbo_kv cache's prefill attention runs the plain graph
 #   instead of its CUDA kernel (quantref_mlx.turbo_prefill, which mlx uses on CUDA): the
 #   prefill column's comparison (turbo_kv caches only).
 DECODER = {"mlx": {}, "mlx-prefill-plain": {}, "mlx-plain": dict(compiled=False, fused=False),
            "mlx-plain-c": dict(compiled=True, fused=False),
-           "mlx-fused-eager": dict(compiled=False, fused=True), "mlx-op": dict(fused=False)}
+           "mlx-fused-eager": dict(compiled=False, fused=True),
+           "mlx-persistent": dict(persistent=True), "mlx-op": dict(fused=False)}
 DEFAULT_MODES = ("numpy", "mlx", "mlx-plain", "mlx-op")
 
 
@@ -187,15 +189,15 @@ def warm_up(models, kvs, chunk) -> None:
 
 
 def llama_bench(binary: str, gguf: str, contexts: list[int], steps: int,
-                prompt: int) -> list[dict]:
+                prompt: int, kvs: tuple[str, ...] = ("f16", "q8_0", "q4_0")) -> list[dict]:
     """llama.cpp's own figures: ``llama-bench`` decoding ``steps`` tokens after a context of
-    each of ``contexts`` tokens (its ``tg@dN``) and prefilling ``prompt`` tokens, with f16,
-    q8_0 and q4_0 KV caches (flash attention: llama.cpp needs it for a quantized V cache).
+    each of ``contexts`` tokens (its ``tg@dN``) and prefilling ``prompt`` tokens, with each KV
+    cache type of ``kvs`` (flash attention: llama.cpp needs it for a quantized V cache).
     Rows as ours: ctx, kv, mode "llama.cpp", prefill, decode (tokens/s, the mean of 3 runs)."""
     import subprocess
 
     rows = []
-    for kv in ("f16", "q8_0", "q4_0"):
+    for kv in kvs:
         cmd = [binary, "-m", gguf, "-ngl", "99", "-fa", "1", "-ctk", kv, "-ctv", kv,
                "-p", str(prompt), "-n", str(steps), "-d", ",".join(map(str, contexts)),
                "-r", "3", "-o", "json"]
