@@ -699,95 +699,140 @@ def _rotated_keys(blocks: mx.array, kind: str, d: int, path: str) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
-@lru_cache(maxsize=None)
-def _f16_scales() -> mx.array:
-    """float32 [32]: 2**(e - 25) for each fp16 exponent e (0 for e = 0: subnormals flush)."""
-    e = np.arange(32)
-    return mx.array(np.where(e == 0, 0.0, np.ldexp(1.0, e - 25)).astype(np.float32))
+_F16_MIN_NORMAL = np.float16(2.0 ** -14)  # fp16 magnitudes below it have a zero exponent field
 
 
-def _f16_decode_arith(h: mx.array) -> mx.array:
-    """:func:`f16_decode` by arithmetic, not a bit cast (which a shapeless trace cannot
-    shape): ``(1024 + mantissa) * 2**(e - 25)``, both factors and the product exact in float32;
-    e = 31 gives infinity (NaN with a mantissa), as the bit pattern would."""
-    e = (h >> 10) & 0x1F
-    mant = (h & 0x3FF).astype(mx.float32)
-    mag = (mant + _f32(1024)) * mx.take(_f16_scales(), e.astype(mx.int32))
-    mag = mx.where(e == 31, mx.where(mant == 0, _f32(np.inf), _f32(np.nan)), mag)
-    return mx.where((h & 0x8000) != 0, -mag, mag)
+def _header_field(f16: mx.array) -> mx.array:
+    """fp16 header fields (a float16 view of the block bytes) -> float32, subnormals flushed to
+    a signed zero as :func:`f16_decode` does: the widening conversion is exact, and a subnormal
+    times 0 keeps its sign (a NaN stays a NaN). The test is done on the float16 values, so that
+    the converted value has one consumer only (``mx.compile`` fuses a node only when all of its
+    consumers are fused). Unlike :func:`f16_decode`, no bit cast of a computed value: MLX does
+    not fuse across one."""
+    normal = mx.abs(f16) >= mx.array(_F16_MIN_NORMAL)  # false for subnormals, zeros (and NaN)
+    return f16.astype(mx.float32) * normal  # x * 1 or x * 0 (a bool multiplies as 0 / 1)
 
 
-@lru_cache(maxsize=None)
-def _butterfly_plan(n: int) -> list[tuple[mx.array, mx.array]]:
-    """Per stage ``len`` of an ``n``-point butterfly: each entry's partner ``i ^ len`` and
-    whether the entry is the pair's upper one (``i & len``)."""
-    i = np.arange(n)
-    return [(mx.array((i ^ (1 << s)).astype(np.int32)), mx.array((i & (1 << s)) != 0))
-            for s in range(n.bit_length() - 1)]
+def _fusion_barrier(x: mx.array) -> mx.array:
+    """``x`` unchanged, through two reshapes: views that launch no kernel, but that
+    ``mx.compile`` does not fuse across, so that an element-wise graph too deep or with too
+    many inputs for one fused kernel (MLX: depth 11, 24 inputs) is split where it is cheapest,
+    instead of wherever the limit falls."""
+    return x.reshape(-1).reshape(x.shape)
 
 
-def _rotate_gathered(x: mx.array, n2: int) -> mx.array:
-    """:func:`rotate` of ``x float32 [..., n2]`` (``n2`` a power of two) without reshapes, so
-    that it compiles shapelessly: each stage reads every entry's partner with one gather and
-    forms ``u + v`` (lower) or ``u - v`` (upper), the same single rounding as the butterfly."""
-    y = x * _signs(n2)
-    for partner, upper in _butterfly_plan(n2):
-        other = mx.take(y, partner, axis=-1)
-        y = mx.where(upper, other - y, y + other)
-    return y * _rotation_scale(n2)
+def _index_words(blocks: mx.array, c: int, nb: int, groups: int) -> mx.array:
+    """The packed indices of chunk ``c`` as one little-endian integer per 8 indices:
+    ``uint32 / uint64 [..., N, groups, 1]`` (``nb`` bytes each). 4-bit indices are read as a
+    uint32 view of the blocks (the 8-byte header keeps them 4-byte aligned); 3- and 5-bit ones
+    are the OR of their bytes, a balanced tree of element-wise operations."""
+    lead, n = blocks.shape[:-3], blocks.shape[-3]
+    if nb == 4:
+        at = HEADER_BYTES // 4
+        words = mx.view(blocks, mx.uint32)[..., c:c + 1, at:at + groups]
+        return words.reshape(*lead, n, groups, 1)
+    dtype = mx.uint32 if nb * 8 <= 32 else mx.uint64
+    packed = blocks[..., c:c + 1, HEADER_BYTES:HEADER_BYTES + groups * nb] \
+        .reshape(*lead, n, groups, nb)
+    terms = [packed[..., i:i + 1].astype(dtype) for i in range(nb)]
+    terms = [t << mx.array(8 * i, dtype) if i else t for i, t in enumerate(terms)]
+    while len(terms) > 1:
+        terms = [terms[i] | terms[i + 1] if i + 1 < len(terms) else terms[i]
+                 for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _symmetric_lookup(idx: mx.array, nb: int, upper: list[mx.array]) -> tuple[mx.array, mx.array]:
+    """``table[idx]`` of a table symmetric about 0 (``table[j] == -table[2**nb - 1 - j]``, true of
+    every centroid and int8 table) by element-wise selects, no gather: ``(upper_half, |value|)``
+    with ``upper`` the table's upper half (``table[2**(nb-1):]``, increasing). For an index in the
+    upper half the magnitude is ``upper[low bits]``, in the lower half ``upper[low bits ^ mask]``,
+    so each level of the binary select tree tests whether bit ``j`` equals the top bit."""
+    top = idx >> (nb - 1)
+    level = upper
+    for j in range(nb - 1):
+        bit = (idx >> j) & 1 if j else idx & 1
+        same = bit == top
+        level = [mx.where(same, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return top == 1, level[0]
+
+
+def _rotate_fast(x: mx.array) -> mx.array:
+    """:func:`rotate` of ``x float32 [..., cd]`` in two primitives: the sign flip (exact), then
+    ``mx.hadamard_transform`` scaled by ``float32(1) / sqrtf(n2)``. MLX's CPU, CUDA and Metal
+    kernels for it run the radix-2 butterfly stages in :func:`rotate`'s order (distances 1, 2,
+    4, ...; ``u + v`` at the lower entry, ``u - v`` at the upper) in float32 and multiply by the
+    scale last, so the result is :func:`rotate`'s bit for bit (tested against the oracle on the
+    CPU; on an H200's CUDA backend too, ``n2`` = 2 ... 128, 2,000 vectors each)."""
+    cd = x.shape[-1]
+    n2 = _pow2_floor(cd)
+    y = x[..., :n2] * _signs(n2)
+    if n2 > 1:
+        y = mx.hadamard_transform(y, scale=float(np.float32(1) / np.sqrt(np.float32(n2))))
+    return y if n2 == cd else mx.concatenate([y, x[..., n2:]], axis=-1)
 
 
 @lru_cache(maxsize=None)
 def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
     """``(q [..., M, d], blocks [..., N, n_chunks, bb]) -> scores [..., M, N]`` for the codebook
-    paths, as one compiled MLX function: the same arithmetic as :func:`_rotate_chunks` and
-    :func:`_rotated_keys` (the rotated query bit for bit, every key entry ``table[idx] * factor``
-    with the same three roundings), one matmul per 128-element chunk. Elementwise operations
-    fuse (Metal, CUDA) and a step's graph gets one call instead of ~80 operations a layer. It
-    is traced once per input shape (``compiled=True``: what the KV cache runs, on its whole
+    paths, as one MLX function of few primitives (compiled: what the KV cache runs on its whole
     buffer, whose length changes every 256 tokens, not every token; :func:`scores` runs it
     uncompiled, for callers whose shapes change every call).
 
-    Why compiling does not change a bit: the only multiply followed by an add is the sign flip
-    of the rotation, whose product is exact, so a fused multiply-add rounds it the same."""
-    if path == "fp32_codebook":
-        table, unit = mx.array(CENTROIDS[kind]), None
-    else:
-        table, unit = mx.array(INT8_TABLES[kind].astype(np.float32)), _f32(INT8_RECIP[kind])
-    nb, bb = bits(kind), block_bytes(kind)
-    chunks = [(lo, min(BLOCK, d - lo)) for lo in range(0, d, BLOCK)]
-    plans = {}
-    for _, cd in chunks:  # where each index sits: its byte, the next one (clipped), its shift
-        pos = np.arange(cd) * nb
-        first = HEADER_BYTES + pos // 8
-        plans[cd] = (mx.array(first.astype(np.int32)),
-                     mx.array(np.minimum(first + 1, bb - 1).astype(np.int32)),
-                     mx.array((pos % 8).astype(np.uint16)))
+    Per 128-element chunk, on a GPU about one kernel per primitive:
 
-    def at(x: mx.array, i, axis: int = -1) -> mx.array:
-        """``x`` at the constant index (or index array) ``i`` of ``axis``."""
-        return mx.take(x, mx.array(i, mx.int32), axis=axis)
+    - the query rotated by :func:`_rotate_fast` (two primitives, :func:`rotate`'s bits);
+    - the keys in rotated space, ``T[idx] * factor`` with ``factor = norm / s`` or
+      ``norm * (R / s)``: element-wise operations only (byte views, shifts, masks, a select tree
+      for the table, the fp16 header decoded by a widening conversion), which ``mx.compile`` fuses
+      into one to three kernels (5-bit indices need a 64-bit word and a deeper tree);
+    - one matmul.
+
+    The arithmetic is the one :func:`_rotated_keys` and :func:`_rotate_chunks` describe, so the
+    scores are the same bits as theirs, and compiling changes none: no multiply is followed by an
+    add (the sign flip's and the table sign's products are exact).
+    """
+    if path == "fp32_codebook":
+        table, unit = CENTROIDS[kind].astype(np.float32), None
+    else:
+        table, unit = INT8_TABLES[kind].astype(np.float32), _f32(INT8_RECIP[kind])
+    nb = bits(kind)
+    half = 1 << (nb - 1)
+    if not np.array_equal(table[:half], -table[half:][::-1]):
+        raise AssertionError(f"{kind}'s {path} table is not symmetric")  # the format's, always
+    upper = [_f32(v) for v in table[half:]]
+    word = mx.uint32 if nb <= 4 else mx.uint64
+    shifts = mx.array((np.arange(8) * nb).astype(np.uint32 if nb <= 4 else np.uint64))
+    mask = mx.array((1 << nb) - 1, word)
+    chunks = [(lo, min(BLOCK, d - lo)) for lo in range(0, d, BLOCK)]
 
     def fn(q: mx.array, blocks: mx.array) -> mx.array:
+        lead, n = blocks.shape[:-3], blocks.shape[-3]
+        f16 = mx.view(blocks, mx.float16)  # [..., N, n_chunks, bb / 2]: the header's fields
         out = None
         for c, (lo, cd) in enumerate(chunks):
-            n2 = _pow2_floor(cd)
-            qr = _rotate_gathered(at(q, np.arange(lo, lo + n2)), n2)
-            if n2 < cd:
-                qr = mx.concatenate([qr, at(q, np.arange(lo + n2, lo + cd))], axis=-1)
-            b = at(blocks, c, axis=-2)  # [..., N, bb]
-            byte = lambda i: at(b, i).astype(mx.uint16)  # noqa: E731
-            norm = _f16_decode_arith(byte(0) | (byte(1) << 8))
-            s = _f16_decode_arith(byte(4) | (byte(5) << 8))
+            qr = _rotate_fast(q[..., lo:lo + cd])
+            norm = _header_field(f16[..., c:c + 1, 0:1])  # [..., N, 1, 1]
+            s = _header_field(f16[..., c:c + 1, 2:3])
+            # s < 1e-10 is never made by quantize; decoded as quant.cpp does all the same
             s = mx.where(s < _f32(_EPS), _f32(np.sqrt(np.float32(cd))), s)
             factor = norm / s if unit is None else norm * (unit / s)
-            # the byte after an index's first is read only when the index spans it: never
-            # past the block (clipped above)
-            first, second, shift = plans[cd]
-            word = mx.take(b, first, axis=-1).astype(mx.uint16) \
-                | (mx.take(b, second, axis=-1).astype(mx.uint16) << 8)
-            idx = (word >> shift) & ((1 << nb) - 1)
-            keys = mx.take(table, idx) * factor[..., None]  # [..., N, cd]
+            groups = -(-cd // 8)
+            idx = (_index_words(blocks, c, nb, groups) >> shifts) & mask  # [..., N, groups, 8]
+            if nb > 4:  # a 64-bit word: the tree on bytes, in a kernel of its own
+                idx = _fusion_barrier(idx.astype(mx.uint8))
+            upper_half, magnitude = _symmetric_lookup(idx, nb, upper)
+            # +-factor exactly, then one rounding: T[idx] * factor. Which form fuses into fewer
+            # kernels depends on the kind (MLX fuses a node with two consumers, here factor, at
+            # the deeper one's depth; 3 and 5 bits have the deeper graphs): measured with
+            # bench/decode_prims.py, 4-5 kernels a chunk instead of 6-8 the other way round.
+            if nb == 4:
+                keys = magnitude * (factor * mx.where(upper_half, _f32(1), _f32(-1)))
+            else:
+                keys = magnitude * mx.where(upper_half, factor, -factor)
+            keys = keys.reshape(*lead, n, groups * 8)
+            if groups * 8 != cd:
+                keys = keys[..., :cd]
             part = mx.matmul(qr, mx.swapaxes(keys, -1, -2))
             out = part if out is None else out + part
         return out

@@ -413,6 +413,38 @@ def test_rotations_are_the_oracles(d, extra, seed):
     assert same_floats(ev(mk.rotate(mx.array(x))), tk.rotate(x))
 
 
+
+@SETTINGS
+@given(cd=st.integers(1, 128), seed=st.integers(0, 2 ** 32 - 1))
+def test_scores_rotate_the_query_as_the_oracle_bit_for_bit(cd, seed):
+    """The codebook scores' two-primitive rotation (mx.hadamard_transform) is the butterfly's:
+    assert_scores_close's bound takes the rotated query as exact."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((4, cd)) * np.exp(rng.uniform(-20, 20, (4, 1)))).astype(np.float32)
+    assert same_floats(ev(mk._rotate_fast(mx.array(x))), tk.rotate(x, cd))
+
+
+@pytest.mark.parametrize("path", ["int8_codebook", "fp32_codebook"])
+@pytest.mark.parametrize("kind", tk.KINDS)
+def test_codebook_scores_are_a_few_kernels(kind, path):
+    """A GPU pays per kernel launched: the compiled scores of a 64-element head are at most 6
+    primitives that launch one (sign flip, Hadamard transform, 1-3 fused element-wise kernels
+    for the keys, the matmul; the gather-based form they replace had 34). Counted on the graph,
+    not evaluated."""
+    import io
+    import re
+
+    views = {"Reshape", "Broadcast", "Slice", "Transpose", "View", "ExpandDims", "Squeeze"}
+    blocks = mx.array(tk.quantize(np.ones((2, 300, 64), np.float32), kind))
+    q = mx.zeros((2, 3, 64))
+    mx.eval(blocks, q)
+    out = mk._codebook_scores(kind, 64, path, compiled=True)(q, blocks)
+    buf = io.StringIO()
+    mx.export_to_dot(buf, out)
+    kernels = [p for p in re.findall(r'label ="(\w+)"', buf.getvalue()) if p not in views]
+    assert len(kernels) <= 6, kernels
+    assert "Gather" not in kernels
+
 @SETTINGS
 @given(nbits=st.integers(1, 8), n=st.integers(0, 130), data=st.data())
 def test_pack_unpack_are_the_oracles(nbits, n, data):
