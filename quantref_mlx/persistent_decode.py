@@ -94,6 +94,10 @@ def supported(model: "Model", cache: "KVCache") -> str | None:
     # tools/nvrtc_check.py --resources), more than 512 resident threads an SM can have
     if any(lin.bits != 4 for roles in layers for lin in roles):
         return "layer weights other than 4-bit (the persistent step reads 4-bit layers)"
+    # Registers a thread (ptxas, sm_90; tools/nvrtc_check.py --resources): at most 128 with
+    # head_dim 32 / 64, every cache type; 255 (and spills) with head_dim 256
+    if model.args.head_dim > 64:
+        return f"head_dim {model.args.head_dim} (the persistent step's registers fit up to 64)"
     blocks = sm_count()
     if not blocks:
         return "no CUDA driver to count the SMs"

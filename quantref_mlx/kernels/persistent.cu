@@ -110,28 +110,25 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
                 qv, kvt);
         if (!fd_grid_sync(bar)) goto failed;
 
+        /* turbo_kv: always the split form, whose merge of one split is exact (e^0 = 1: the same
+           bits as the one-pass form) and which keeps the kernel within 128 registers a thread
+           (the one-pass form with its projection inlined takes 156 with turbo_kv_5b's dequant
+           path, and 512 threads an SM cannot have more than 128) */
+#if !FD_TURBO
         if (S == 1) {
             for (int vb = b; vb < NH; vb += nb) {
-#if FD_TURBO
-                fd_turbo_attend<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB, 0,
-                                false, false, DIM, BO>(
-                    vb, NH, qv, kvt, kcl, vcl, (const float*)nullptr, cap, pos, wo,
-                    scales + off[3], biases + off[3], xa, sp + OFF_PA, xb, nullptr);
-#else
                 fd_attend<NH, NKV, HD, DPL, NW, U, false, DIM, BO>(
                     vb, NH, qv, kvt, kcl, vcl, cap, pos, wo, scales + off[3], biases + off[3], xa,
                     sp + OFF_PA, xb);
-#endif
                 __syncthreads();  /* the block's shared memory, free for its next index */
             }
-        } else {
+        } else
+#endif
+        {
             for (int vb = b; vb < NH * S; vb += nb) {
 #if FD_TURBO
-                fd_turbo_attend<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB, 0,
-                                true, false, 0, 0>(
-                    vb, NH * S, qv, kvt, kcl, vcl, (const float*)nullptr, cap, pos,
-                    (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
-                    (const float*)nullptr, (const float*)nullptr, splits, nullptr);
+                fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB>(
+                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, splits);
 #else
                 fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
                     vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,

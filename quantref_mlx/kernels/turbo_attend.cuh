@@ -369,3 +369,19 @@ __device__ void fd_turbo_attend(int vb, int nvb, const float* q, const float* kv
         fd_project<DIM, NH * HD, HD, NH, BITS>(w, sc, bi, h * HD, sm_o, h, part, r, out);
     }
 }
+
+/* fd_turbo_attend's split form (no k-window, no scores) as a call of its own, for the persistent
+step: not inlined, so that its registers are allocated apart from the rest of that kernel's
+(inlined there, the dequant path's in-register butterfly took the kernel to 155 registers a
+thread, over the 128 that 512 resident threads allow; alone it takes ~60). */
+template <int NH, int NKV, int HD, int DPL, int NW, int U, int KBITS, int BB, int NC, int NLEV,
+          int PATH, int VT, int VB, typename VCT>
+__device__ __noinline__ void fd_turbo_attend_apart(int vb, int nvb, const float* q,
+                                                   const float* kv, const uint8_t* kc,
+                                                   const VCT* vc, int cap, const int* pos,
+                                                   float* out) {
+    fd_turbo_attend<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB, 0, true, false,
+                    0, 0>(vb, nvb, q, kv, kc, vc, (const float*)nullptr, cap, pos,
+                          (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
+                          (const float*)nullptr, (const float*)nullptr, out, nullptr);
+}
