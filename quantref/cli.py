@@ -41,8 +41,18 @@ def _model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def resolve_backend(name: str) -> str:
-    """``numpy``, ``mlx``, or for ``auto``: MLX when it has a GPU (Metal or CUDA), else NumPy."""
+def auto_backend(path: Path | None = None):
+    """``--backend auto``'s :class:`quantref.backend.Choice` for the GGUF at ``path`` (its
+    parameter count; None: a model of unknown size) on this machine's device: the rule of
+    :func:`quantref.backend.choose_backend` (``docs/benchmarks.md``, "Where the GPU wins")."""
+    from .backend import choose_backend, detect_device, n_params_of
+
+    return choose_backend(n_params_of(path) if path is not None else None, detect_device())
+
+
+def resolve_backend(name: str, path: Path | None = None) -> str:
+    """``numpy``, ``mlx``, or for ``auto``: :func:`auto_backend`'s choice for the model at
+    ``path``."""
     if name in ("numpy", "mlx"):
         if name == "mlx":
             try:
@@ -51,26 +61,23 @@ def resolve_backend(name: str) -> str:
                 raise SystemExit("quantref: error: --backend mlx needs MLX: pip install "
                                  "'quantref[mlx]'") from None
         return name
-    try:
-        import mlx.core as mx
-    except ImportError:
-        return "numpy"
-    return "mlx" if mx.default_device().type == mx.DeviceType.gpu else "numpy"
+    return auto_backend(path).backend
 
 
 def _engine(args: argparse.Namespace):
     """(the backend's name, its package, a loaded model) for a command's --backend/--model
     options; ``--weights`` and ``--sync-every-op`` are MLX's and an error with NumPy."""
-    backend = resolve_backend(args.backend)
-    if backend == "numpy":
-        given = [o for o, on in (("--weights", args.weights != "auto"),
-                                 ("--sync-every-op", args.sync_every_op)) if on]
-        if given:
-            why = "" if args.backend == "numpy" else " (--backend auto chose numpy: no GPU)"
-            verb = "applies" if len(given) == 1 else "apply"
-            raise SystemExit(f"quantref: error: {' and '.join(given)} {verb} to the MLX backend, "
-                             f"not numpy{why}")
+    given = [o for o, on in (("--weights", args.weights != "auto"),
+                             ("--sync-every-op", args.sync_every_op)) if on]
+    verb = "applies" if len(given) == 1 else "apply"
+    if given and args.backend == "numpy":  # before fetching anything
+        raise SystemExit(f"quantref: error: {' and '.join(given)} {verb} to the MLX backend, "
+                         "not numpy")
     path = _model_path(args)
+    backend = resolve_backend(args.backend, path)
+    if given and backend == "numpy":
+        raise SystemExit(f"quantref: error: {' and '.join(given)} {verb} to the MLX backend, "
+                         f"not numpy (--backend auto chose numpy: {auto_backend(path).why})")
     if backend == "mlx":
         import quantref_mlx
 
@@ -173,7 +180,12 @@ def cmd_info(args: argparse.Namespace) -> int:
             continue
         kv_bytes[kind] = cache.bytes_per_token
     info["kv_bytes_per_token"] = kv_bytes
-    info["backend"] = resolve_backend(args.backend)
+    if args.backend == "auto":
+        choice = auto_backend(path)
+        info["backend"] = choice.backend
+        info["backend_rule"] = {"step": choice.step, "why": choice.why}
+    else:
+        info["backend"] = resolve_backend(args.backend)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -197,7 +209,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters    {n_params:,} in {info['n_tensors']} tensors: "
           + ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items()))
     print("KV bytes/token " + "  ".join(f"{k} {v:,.0f}" for k, v in kv_bytes.items()))
-    print(f"backend       {info['backend']} (--backend {args.backend})")
+    rule = info.get("backend_rule")
+    print(f"backend       {info['backend']} (--backend {args.backend}"
+          + (f": {rule['why']}" if rule else "") + ")")
     return 0
 
 
@@ -453,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: smollm2-135m, fetched on first use)")
     backend = argparse.ArgumentParser(add_help=False)
     backend.add_argument("--backend", choices=("numpy", "mlx", "auto"), default="auto",
-                         help="numpy (the oracle), mlx, or auto: MLX when it has a GPU, "
-                         "else NumPy (default auto)")
+                         help="numpy (the oracle), mlx, or auto: by the model's size and "
+                         "the device (docs/benchmarks.md, 'Where the GPU wins'; default auto)")
     engine = argparse.ArgumentParser(add_help=False, parents=[with_model, backend])
     engine.add_argument("--weights", choices=("auto", "quantized", "float"), default="auto",
                         help="MLX weight layout (default auto: quantized on a GPU, float "
