@@ -322,7 +322,10 @@ class FusedStep:
         project = [*_arrays(wo), r, self.scratch["attend"]]
         project_shape = [("DIM", a.dim), ("BITS", wo.bits)]
         name = "turbo_attend" if turbo else "attend"
-        if splits == 1:
+        # 8-bit wo: its projection inlined into attention takes ~168 registers a thread, more
+        # than 512 threads an SM may hold ("too many resources requested for launch" on the
+        # H200): the split form instead, whose merge of one split gives the same bits
+        if splits == 1 and wo.bits != 8:
             (out,) = _kernel(f"{name}_project", *self.consts, _quantized(wo), turbo)(
                 inputs=attention + project, template=shape + project_shape,
                 output_shapes=[(a.dim,)], output_dtypes=[mx.float32], **launch)

@@ -287,9 +287,10 @@ class Decoder:
             k, v = cache.take_buffers()
             whole = tuple(mx.stack([b[0] for b in bufs]) for bufs in (k, v))
             mx.eval(*whole)  # materialized: the kernel writes into this memory
-            views = [[(w[i],) for i in range(len(k))] for w in whole]
-            mx.eval(*[b[0] for vs in views for b in vs])  # slices: views of the same memory
-            cache.give_buffers(*views, 0)
+            # The cache's buffers become slices of them, left unevaluated: evaluated when read
+            # (after the steps that wrote them), they hold every token written so far. (MLX
+            # on CUDA copies a slice when it evaluates it: one evaluated now would stay stale.)
+            cache.give_buffers(*[[(w[i],) for i in range(len(k))] for w in whole], 0)
             self._whole = whole
             self._pos = None
         if self._pos is None or self._pos[1] != cache.length:

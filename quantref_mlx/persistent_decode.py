@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DecodeKernelError", "PersistentStep", "WAIT_NS", "sm_count", "supported"]
 
-WARPS = 16  # warps per block: the fused attention's and ffn's (fd_attend / fd_ffn use blockDim)
+WARPS = 16  # warps per block: the fused attention's (fd_attend's order of sums), 8 where the
+# machine's compiler needs more than 128 registers a thread (PersistentStep._probe)
 WAIT_NS = 1_000_000_000  # the longest a barrier waits (a token takes well under 1 ms)
 _MAX_BEST = 1024  # blocks at most (the scratch's per-block argmax slots)
 
@@ -115,12 +116,14 @@ class PersistentStep:
     token, or -1 with the reason in ``next[1]`` (:meth:`error`)."""
 
     def __init__(self, model: "Model", turbo: "fd.TurboSpec | None" = None,
-                 blocks: int | None = None):
+                 blocks: int | None = None, warps: int = WARPS, times: bool = False):
         a, w = model.args, model.weights
         self.args, self.weights, self.turbo = a, w, turbo
         self.blocks = min(blocks or sm_count() or 0, _MAX_BEST)
         if self.blocks < 1:
             raise ValueError("no CUDA device to size the persistent step's grid")
+        self.warps, self.times = warps, times
+        self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
         codes, scales, biases, offsets = [], [], [], []
@@ -144,15 +147,57 @@ class PersistentStep:
         self.scratch = self._fresh_scratch()
         self.consts = (a.norm_eps, 1.0 / math.sqrt(a.head_dim))
 
-    def _fresh_scratch(self) -> mx.array:
+    def _offsets(self) -> tuple[int, int]:
+        """(where the timer marks start, the scratch's size), in float32 elements: the
+        layout of ``persistent.cu``."""
         a = self.args
         fb = a.hidden_dim // fd.FFN_UNITS
         splits = a.n_heads * fd.ATTEND_MAX_SPLITS * (a.head_dim + 2)
-        n = (16 + a.n_heads * a.dim + 4 + fb * a.dim + 4 + 2 * a.dim + a.n_heads * a.head_dim
-             + 2 * a.n_kv_heads * a.head_dim + -(-splits // 4) * 4 + 2 * _MAX_BEST)
-        return mx.array(np.zeros(n, np.float32))  # from NumPy: exists without an evaluation
+        best = (16 + a.n_heads * a.dim + 4 + fb * a.dim + 4 + 2 * a.dim + a.n_heads * a.head_dim
+                + 2 * a.n_kv_heads * a.head_dim + -(-splits // 4) * 4)
+        marks = best + 2 * _MAX_BEST
+        return marks, marks + 2 * self.max_marks
+
+    @property
+    def max_marks(self) -> int:
+        """Timer marks a token can write: its start, the embedding, 4 barriers a layer, the
+        logits'."""
+        return 4 * self.args.n_layers + 4
+
+    def _fresh_scratch(self) -> mx.array:
+        # from NumPy: exists without an evaluation; zero: the counters and the error flag
+        return mx.array(np.zeros(self._offsets()[1], np.float32))
+
+    def marks(self) -> np.ndarray:
+        """With ``times=True``, after an evaluated step: ns since the step's start at which
+        block 0 left each barrier, in order (``uint64``; zeros past the last barrier)."""
+        start = self._offsets()[0]
+        raw = np.array(self.scratch[start:start + 2 * self.max_marks]).view(np.uint64)
+        return (raw[1:] - raw[0]).astype(np.int64).clip(min=0) if raw[0] else raw[1:] * 0
+
+    def _probe(self, kc: mx.array, vc: mx.array) -> None:
+        """Launch once with an invalid token (every block returns at once, touching nothing):
+        a block of 16 warps needs at most 128 registers a thread, which the CUDA compiler on
+        the machine may exceed (MLX then fails with "too many resources requested for
+        launch"); 8 warps a block then, whose attention sums in another order than the fused
+        step's (its logits then match it within rounding, not bit for bit)."""
+        bad = mx.array(np.array([-1, 0, 0, 0], np.int32))
+        for warps in (self.warps, 8):
+            self.warps = warps
+            try:
+                mx.eval(self._launch(bad, fd.position(0), kc, vc))
+                self._launchable = True
+                return
+            except RuntimeError as e:
+                if "too many resources" not in str(e) or warps == 8:
+                    raise
 
     def __call__(self, token: mx.array, pos: mx.array, kc: mx.array, vc: mx.array):
+        if not self._launchable:
+            self._probe(kc, vc)
+        return self._launch(token, pos, kc, vc)
+
+    def _launch(self, token: mx.array, pos: mx.array, kc: mx.array, vc: mx.array):
         a, w = self.args, self.weights
         emb, out = w.token_embd, w.output
         inputs = ([token, pos] + fd._arrays(emb) + [w.output_norm] + fd._arrays(out)
@@ -160,17 +205,19 @@ class PersistentStep:
                      kc, vc, self.scratch])
         template = [("DIM", a.dim), ("NL", a.n_layers), ("NH", a.n_heads),
                     ("NKV", a.n_kv_heads), ("HD", a.head_dim), ("DPL", a.head_dim // fd.WARP),
-                    ("NW", WARPS), ("U", fd.ATTEND_UNROLL), ("H", a.hidden_dim),
+                    ("NW", self.warps), ("U", fd.ATTEND_UNROLL), ("H", a.hidden_dim),
                     ("SL", fd.FFN_UNITS), ("VOCAB", out.weight.shape[0]),
                     ("BQKV", self.bits[0]), ("BO", self.bits[1]), ("BGU", self.bits[2]),
                     ("BDN", self.bits[3]), ("EBITS", emb.bits), ("OBITS", out.bits)]
         if self.turbo is not None:
             template += self.turbo.template(a.head_dim)
         vocab = out.weight.shape[0]
-        logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo)(
+        logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
+                              self.times)(
             inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
-            output_dtypes=[mx.float32, mx.int32], grid=(self.blocks * WARPS * fd.WARP, 1, 1),
-            threadgroup=(WARPS * fd.WARP, 1, 1))
+            output_dtypes=[mx.float32, mx.int32],
+            grid=(self.blocks * self.warps * fd.WARP, 1, 1),
+            threadgroup=(self.warps * fd.WARP, 1, 1))
         return nxt, logits
 
     def error(self, code: int) -> DecodeKernelError:
@@ -182,7 +229,7 @@ class PersistentStep:
 
 @lru_cache(maxsize=None)
 def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool,
-            turbo: "fd.TurboSpec | None" = None):
+            turbo: "fd.TurboSpec | None" = None, times: bool = False):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -194,6 +241,7 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_SPLIT_KEYS {fd.ATTEND_SPLIT_KEYS}\n"
               + f"#define FD_WAIT_NS {WAIT_NS}ull\n"
               + f"#define FD_TURBO {int(turbo is not None)}\n"
+              + f"#define FD_TIMES {int(times)}\n#define FD_MAX_BLOCKS {_MAX_BEST}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

@@ -34,6 +34,8 @@ Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[
          failure next[0] = -1 and next[1] the reason: 1 a barrier waited past FD_WAIT_NS (the
          blocks were not all resident: another kernel held SMs), 2 token[0] out of range,
          3 an earlier launch failed (the scratch's error flag is set: the host makes a new one).
+FD_TIMES 1 (bench/decode_phases.py only): block 0 also writes the global timer at its start and
+         as it leaves each barrier into the scratch after the argmax slots (uint64, ns).
 Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (the four matrices'
          bits, 4 or 8), EBITS, OBITS (embedding, output: 0 float, 4 or 8); FD_TURBO 1 also
          KBITS, BB, NC, NLEV, PATH, VT, VB, W (TurboSpec.template; W 0: no k-window). */
@@ -63,6 +65,16 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     KT* kvt = reinterpret_cast<KT*>(sp + OFF_KV);
     float* splits = sp + OFF_SPLITS;
     float* best = sp + OFF_BEST;                           /* per block: value, index */
+    /* FD_TIMES 1 (bench/decode_phases.py): block 0 notes the global timer (ns) as it leaves
+       each barrier, after the first, in times[1 ..]; times[0] at its start */
+    unsigned long long* times = reinterpret_cast<unsigned long long*>(sp + OFF_BEST + 2 * FD_MAX_BLOCKS);
+    int mark = 1;
+#define FD_SYNC()                                                                     \
+    do {                                                                              \
+        if (!fd_grid_sync(bar)) goto failed;                                          \
+        if (FD_TIMES && b == 0 && threadIdx.x == 0) times[mark] = fd_now();           \
+        ++mark;                                                                       \
+    } while (0)
     const int nb = (int)gridDim.x;
     const int b = (int)blockIdx.x;
     const int warp = (int)(threadIdx.x >> 5);
@@ -83,10 +95,11 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         return;  /* every block returns here (the same token, the same flag): none waits */
     }
 
+    if (FD_TIMES && b == 0 && threadIdx.x == 0) times[0] = fd_now();
     /* E: the embedding row */
     for (int i = b * (int)blockDim.x + (int)threadIdx.x; i < DIM; i += nb * (int)blockDim.x)
         xa[i] = fd_weight<DIM, EBITS>(wemb, FD_QUANT_E, (size_t)tok, i);
-    if (!fd_grid_sync(bar)) goto failed;
+    FD_SYNC();
 
     for (int layer = 0; layer < NL; ++layer) {
         const int64_t* off = woff + layer * 8;
@@ -108,7 +121,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             fd_qkv_rope_unit<DIM, BQKV, HD, Q_ROWS, Q_ROWS + KV_ROWS / 2>(
                 unit, lane, xa, nw_attn, wqkv, scales + off[1], biases + off[1], pos, inv_freq,
                 qv, kvt);
-        if (!fd_grid_sync(bar)) goto failed;
+        FD_SYNC();
 
         /* turbo_kv: always the split form, whose merge of one split is exact (e^0 = 1: the same
            bits as the one-pass form) and which keeps the kernel within 128 registers a thread
@@ -137,32 +150,45 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 #endif
                 __syncthreads();
             }
-            if (!fd_grid_sync(bar)) goto failed;
+            FD_SYNC();
             for (int h = b; h < NH; h += nb) {
                 fd_merge_project<NH, HD, DIM, BO>(h, S, splits, wo, scales + off[3],
                                                   biases + off[3], xa, sp + OFF_PA, xb);
                 __syncthreads();
             }
         }
-        if (!fd_grid_sync(bar)) goto failed;
+        FD_SYNC();
 
         for (int vb = b; vb < FB; vb += nb) {
             fd_ffn<DIM, H, SL, BGU, BDN>(vb, xb, nw_ffn, wgu, scales + off[5], biases + off[5],
                                          wdn, scales + off[7], biases + off[7], sp + OFF_PF, xa);
             __syncthreads();
         }
-        if (!fd_grid_sync(bar)) goto failed;
+        FD_SYNC();
     }
 
-    {   /* the logits, and each warp's first largest one */
+    {   /* the logits, two rows at a time (their loads in flight together; each row's sum as
+           fd_norm_row's), and each warp's first largest one */
         float bv = __int_as_float(0xff800000);
         int bi = 0x7fffffff;
-        for (int unit = gw; unit < VOCAB; unit += nwarps) {
-            const float y = fd_norm_row<DIM, OBITS>(unit, lane, xa, onw, wout, FD_QUANT_O);
-            if (lane == 0) logits[unit] = y;
-            if (y > bv) {  /* units rise along the loop: the first of equals stays */
-                bv = y;
-                bi = unit;
+        for (int u0 = gw; u0 < VOCAB; u0 += 2 * nwarps) {
+            const int u1 = u0 + nwarps < VOCAB ? u0 + nwarps : u0;
+            float y[2], ss;
+            fd_rows_dot<DIM, 2, OBITS>(wout, FD_QUANT_O, u0, u1, xa, onw, y, &ss, lane);
+            const float inv = fd_inv_rms(ss, DIM, FD_EPS);
+            const float y0 = y[0] * inv;
+            const float y1 = y[1] * inv;
+            if (lane == 0) {
+                logits[u0] = y0;
+                logits[u1] = y1;
+            }
+            if (y0 > bv) {  /* units rise along the loop: the first of equals stays */
+                bv = y0;
+                bi = u0;
+            }
+            if (u1 != u0 && y1 > bv) {
+                bv = y1;
+                bi = u1;
             }
         }
         __shared__ float sm_bv[NW];
@@ -177,7 +203,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             best[2 * b] = bv;
             best[2 * b + 1] = __int_as_float(bi);
         }
-        if (!fd_grid_sync(bar)) goto failed;
+        FD_SYNC();
         if (b == 0 && threadIdx.x == 0) {
             for (int o = 1; o < nb; ++o)
                 fd_better(best[2 * o], __float_as_int(best[2 * o + 1]), &bv, &bi);
