@@ -2,7 +2,12 @@
 (``mx.async_eval``: host time), and waiting for the previous token; and what MLX itself costs
 per kernel, on a chain of trivial custom kernels (CUDA only).
 
-    python bench/decode_phases.py [--weights quantized] [--steps 100] [--ctx 128]
+    python bench/decode_phases.py [--weights quantized] [--steps 100] [--ctx 128] [--persistent]
+
+``--persistent`` adds the persistent step (``quantref_mlx.persistent_decode``): the same split of
+host and device time, then inside its one launch the time of each kind of phase (block 0 reads
+the GPU's global timer as it leaves each grid barrier), and the device's time per token with
+steps chained on the device (no host between them): what bounds the step.
 
 Random weights of SmolLM2-135M's shapes (``--bits 4 --embed-bits 8``, as SmolLM2's Q4_1 file),
 ``Decoder`` as generation runs it: step n+1 built and started before token n is read back. The
@@ -20,8 +25,9 @@ import mlx.core as mx
 from _common import machine
 
 
-def phases(model, kv: str, ctx: int, steps: int) -> dict:
-    """Microseconds per token of each phase of ``steps`` decoded tokens after ``ctx``."""
+def phases(model, kv: str, ctx: int, steps: int, **decoder_options) -> dict:
+    """Microseconds per token of each phase of ``steps`` decoded tokens after ``ctx``
+    (``decoder_options``: :class:`quantref_mlx.generate.Decoder`'s, e.g. ``persistent=True``)."""
     from quantref.generate import SamplerArgs
     from quantref_mlx.cache import STEP
     from quantref_mlx.generate import Decoder, make_sampler
@@ -31,7 +37,7 @@ def phases(model, kv: str, ctx: int, steps: int) -> dict:
     logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
     mx.eval(logits, cache.state())
     cache.reserve(max(STEP, 1 << (ctx + steps + 4).bit_length()))
-    decoder = Decoder(model, cache, sampler)
+    decoder = Decoder(model, cache, sampler, **decoder_options)
     y = sampler(logits)
     for _ in range(3):  # warm-up: the first compiled call traces
         y = decoder(y)
@@ -53,6 +59,58 @@ def phases(model, kv: str, ctx: int, steps: int) -> dict:
     us = 1e6 / steps
     return dict(build=build * us, encode=encode * us, wait=wait * us, total=total * us,
                 tokens_s=steps / total)
+
+
+def persistent_marks(model, kv: str, ctx: int, steps: int) -> dict:
+    """Inside the persistent kernel (``FD_TIMES``): microseconds per token of each kind of
+    phase, from the global timer block 0 reads as it leaves each barrier, averaged over
+    ``steps`` tokens; and the GPU time per token of ``steps`` tokens chained on the device
+    (each step's token feeds the next; one evaluation at the end: no host in between)."""
+    import numpy as np
+
+    from quantref.generate import SamplerArgs
+    from quantref_mlx import fused_decode as fd
+    from quantref_mlx import persistent_decode as pd
+    from quantref_mlx.generate import Decoder, make_sampler
+
+    sampler = make_sampler(SamplerArgs())
+    cache = model.make_cache(kv)
+    logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
+    mx.eval(logits, cache.state())
+    cache.reserve(max(256, 1 << (ctx + 2 * steps + 8).bit_length()))
+    dec = Decoder(model, cache, sampler, persistent=True)
+    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), times=True)
+    y = sampler(logits)
+    a = model.args
+    splits = max(1, min(fd.ATTEND_MAX_SPLITS, cache.capacity // fd.ATTEND_SPLIT_KEYS))
+    per_layer = ["qkv", "attention"] + (["merge"] if splits > 1 or dec.persistent.turbo else []) \
+        + ["ffn"]
+    # one mark per barrier: the embedding's, each layer's phases', the logits' (the argmax of
+    # the blocks' bests, by block 0 after the last barrier, has none: its time is not counted)
+    names = ["embedding"] + per_layer * a.n_layers + ["logits"]
+    sums = dict.fromkeys(["embedding", *per_layer, "logits"], 0.0)
+    for i in range(steps + 2):
+        y = dec(y)
+        dec.check(y.item())
+        if i < 2:
+            continue  # the first launches compile and probe
+        t = dec.persistent.marks()[:len(names)].astype(np.float64) / 1e3  # us since the start
+        for name, d in zip(names, np.diff(np.concatenate([[0.0], t]))):
+            sums[name] += d
+    out = {k: v / steps for k, v in sums.items()}
+    out["barriers"] = len(names)
+    out["warps"] = dec.persistent.warps
+    out["blocks"] = dec.persistent.blocks
+    # the device alone: steps chained, one evaluation
+    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache))
+    y = dec(y)
+    mx.eval(y)
+    start = time.perf_counter()
+    for _ in range(steps):
+        y = dec(y)
+    mx.eval(y)
+    out["chained"] = (time.perf_counter() - start) / steps * 1e6
+    return out
 
 
 def trivial_chain(n: int, reps: int = 20) -> tuple[float, float]:
@@ -92,6 +150,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--kv", default="fp16,fp32")
+    ap.add_argument("--persistent", action="store_true",
+                    help="also the persistent step: host and device time, and its phases (CUDA)")
     args = ap.parse_args()
 
     from quantref.testing import random_model
@@ -106,6 +166,26 @@ def main() -> None:
         p = phases(model, kv, args.ctx, args.steps)
         print(f"| {kv} | {p['build']:.1f} | {p['encode']:.1f} | {p['wait']:.1f} | "
               f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
+    if args.persistent:
+        print("\nThe persistent step (one launch a token), as generation runs it:")
+        print("| KV | build us | async_eval us | wait us | total us | tokens/s |")
+        print("|---|---|---|---|---|---|")
+        for kv in args.kv.split(","):
+            p = phases(model, kv, args.ctx, args.steps, persistent=True)
+            print(f"| {kv} | {p['build']:.1f} | {p['encode']:.1f} | {p['wait']:.1f} | "
+                  f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
+        print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
+              "and the device's time per token with steps chained (no host in between):")
+        print("| KV | blocks x warps | barriers | embedding | qkv | attention | merge | ffn | "
+              "logits | sum | chained us/token |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for kv in args.kv.split(","):
+            m = persistent_marks(model, kv, args.ctx, args.steps)
+            parts = [m.get(k, 0.0) for k in ("embedding", "qkv", "attention", "merge", "ffn",
+                                             "logits")]
+            print(f"| {kv} | {m['blocks']} x {m['warps']} | {m['barriers']} | "
+                  + " | ".join(f"{x:.1f}" for x in parts)
+                  + f" | {sum(parts):.1f} | {m['chained']:.1f} |", flush=True)
     if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
         print("\n| chain of trivial custom kernels | us per kernel | of which host |")
         print("|---|---|---|")

@@ -73,14 +73,26 @@ def test_logits_are_the_fused_steps_bit_for_bit(model, kv, options, ctx, capacit
         got = pers(token)
         _, nxt, logits = pers._next  # the kernel's outputs: next int32 [4], logits [vocab]
         mx.eval(want, got, nxt, logits)
-        logits = np.array(logits)
-        np.testing.assert_array_equal(logits, np.array(want).reshape(-1))
+        logits, want = np.array(logits), np.array(want).reshape(-1)
+        if pers.persistent.warps == fd.ATTEND_WARPS:  # the same sums in the same order
+            np.testing.assert_array_equal(logits, want)
+        else:  # 8 warps a block (see PersistentStep._probe): attention sums in another order,
+            # ~1e-6 of the largest logit as the fused step against the plain graph; a turbo_kv
+            # key that lands on a codebook boundary may flip an index: 1e-3 bounds that (the
+            # fused step's own decode test, test_fused_decode_gpu.py)
+            tol = 1e-3 if kv.startswith("turbo") else 4e-6
+            assert np.max(np.abs(logits - want)) <= tol * np.max(np.abs(want))
+            token = mx.array(np.array([np.argmax(want)], np.uint32))
         # its token: the first index of the largest logit
         assert int(np.array(got)[0]) == int(np.argmax(logits)) == int(np.array(nxt)[0])
         assert int(np.array(nxt)[1]) == 0
-        token = mx.array(np.array(got).astype(np.uint32))
+        if pers.persistent.warps == fd.ATTEND_WARPS:
+            token = mx.array(np.array(got).astype(np.uint32))
     assert pers_cache.length == fused_cache.length == ctx + 12
-    for layer in range(model.args.n_layers):  # the same bytes written where the fused step's
+    # the same bytes written where the fused step's (all layers when bit for bit; else the
+    # first, whose keys and values come before any attention)
+    layers = model.args.n_layers if pers.persistent.warps == fd.ATTEND_WARPS else 1
+    for layer in range(layers):
         for mine, theirs in zip(pers_cache.stored(layer), fused_cache.stored(layer)):
             np.testing.assert_array_equal(np.array(mine[0]), np.array(theirs[0]))
 
