@@ -61,7 +61,7 @@ def phases(model, kv: str, ctx: int, steps: int, **decoder_options) -> dict:
                 tokens_s=steps / total)
 
 
-def persistent_marks(model, kv: str, ctx: int, steps: int) -> dict:
+def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -> dict:
     """Inside the persistent kernel (``FD_TIMES``): microseconds per token of each kind of
     phase, from the global timer block 0 reads as it leaves each barrier, averaged over
     ``steps`` tokens; and the GPU time per token of ``steps`` tokens chained on the device
@@ -78,8 +78,8 @@ def persistent_marks(model, kv: str, ctx: int, steps: int) -> dict:
     logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
     mx.eval(logits, cache.state())
     cache.reserve(max(256, 1 << (ctx + 2 * steps + 8).bit_length()))
-    dec = Decoder(model, cache, sampler, persistent=True)
-    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), times=True)
+    dec = Decoder(model, cache, sampler, persistent=sync)
+    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), times=True, sync=sync)
     y = sampler(logits)
     a = model.args
     splits = max(1, min(fd.ATTEND_MAX_SPLITS, cache.capacity // fd.ATTEND_SPLIT_KEYS))
@@ -102,7 +102,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int) -> dict:
     out["warps"] = dec.persistent.warps
     out["blocks"] = dec.persistent.blocks
     # the device alone: steps chained, one evaluation
-    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache))
+    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), sync=sync)
     y = dec(y)
     mx.eval(y)
     start = time.perf_counter()
@@ -176,14 +176,14 @@ def main() -> None:
                   f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
         print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
               "and the device's time per token with steps chained (no host in between):")
-        print("| KV | blocks x warps | barriers | embedding | qkv | attention | merge | ffn | "
-              "logits | sum | chained us/token |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for kv in args.kv.split(","):
-            m = persistent_marks(model, kv, args.ctx, args.steps)
+        print("| KV | sync | blocks x warps | phases | embedding | qkv | attention | merge | ffn "
+              "| logits | sum | chained us/token |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for kv, sync in [(kv, s) for kv in args.kv.split(",") for s in ("grid", "flags")]:
+            m = persistent_marks(model, kv, args.ctx, args.steps, sync)
             parts = [m.get(k, 0.0) for k in ("embedding", "qkv", "attention", "merge", "ffn",
                                              "logits")]
-            print(f"| {kv} | {m['blocks']} x {m['warps']} | {m['barriers']} | "
+            print(f"| {kv} | {sync} | {m['blocks']} x {m['warps']} | {m['barriers']} | "
                   + " | ".join(f"{x:.1f}" for x in parts)
                   + f" | {sum(parts):.1f} | {m['chained']:.1f} |", flush=True)
     if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():

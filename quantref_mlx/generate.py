@@ -192,12 +192,13 @@ class Decoder:
     without a k-window), the same
     logits as the fused step bit for bit; with a greedy sampler (:func:`greedy`) the kernel's
     own argmax is the token. Read tokens back through :meth:`check`, which raises if the
-    kernel stopped instead of finishing.
+    kernel stopped instead of finishing. ``persistent="grid"`` or ``"flags"`` also chooses how
+    its phases end (:data:`quantref_mlx.persistent_decode.SYNC`).
     """
 
     def __init__(self, model: "Model", cache: "KVCache", sampler: SamplerFn,
                  compiled: bool | None = None, fused: bool | None = None,
-                 persistent: bool = False):
+                 persistent: bool | str = False):
         from .cache import StepCache, TurboKeyCodec
         from .model import on_gpu
 
@@ -207,7 +208,8 @@ class Decoder:
             why = persistent_supported(model, cache)
             if why:
                 raise ValueError(f"no persistent decode step here: {why}")
-            self.persistent = PersistentStep(model, TurboSpec.of(cache))
+            self.persistent = PersistentStep(model, TurboSpec.of(cache), **(
+                {"sync": persistent} if isinstance(persistent, str) else {}))
             self._whole = None  # (kc, vc): the cache's buffers, whole-model
             self._pos = None
             self._next = None  # the last step's (token view, next int32 [4])

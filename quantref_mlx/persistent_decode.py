@@ -51,6 +51,10 @@ WARPS = 16  # warps per block: the fused attention's (fd_attend's order of sums)
 # machine's compiler needs more than 128 registers a thread (PersistentStep._probe)
 WAIT_NS = 1_000_000_000  # the longest a barrier waits (a token takes well under 1 ms)
 _MAX_BEST = 1024  # blocks at most (the scratch's per-block argmax slots)
+# How a phase ends: "grid", a grid barrier (every block counts itself on one word and polls it:
+# cooperative groups' scheme); "flags", only the blocks that did the phase's work count
+# themselves and the last advances a generation that everyone polls (persistent.cuh)
+SYNC = "grid"
 
 REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
               "launch was resident (another kernel or process holding SMs?)",
@@ -116,13 +120,16 @@ class PersistentStep:
     token, or -1 with the reason in ``next[1]`` (:meth:`error`)."""
 
     def __init__(self, model: "Model", turbo: "fd.TurboSpec | None" = None,
-                 blocks: int | None = None, warps: int = WARPS, times: bool = False):
+                 blocks: int | None = None, warps: int = WARPS, times: bool = False,
+                 sync: str = SYNC):
+        if sync not in ("grid", "flags"):
+            raise ValueError(f"sync must be 'grid' or 'flags', not {sync!r}")
         a, w = model.args, model.weights
         self.args, self.weights, self.turbo = a, w, turbo
         self.blocks = min(blocks or sm_count() or 0, _MAX_BEST)
         if self.blocks < 1:
             raise ValueError("no CUDA device to size the persistent step's grid")
-        self.warps, self.times = warps, times
+        self.warps, self.times, self.sync = warps, times, sync
         self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
@@ -153,7 +160,7 @@ class PersistentStep:
         a = self.args
         fb = a.hidden_dim // fd.FFN_UNITS
         splits = a.n_heads * fd.ATTEND_MAX_SPLITS * (a.head_dim + 2)
-        best = (16 + a.n_heads * a.dim + 4 + fb * a.dim + 4 + 2 * a.dim + a.n_heads * a.head_dim
+        best = (96 + a.n_heads * a.dim + 4 + fb * a.dim + 4 + 2 * a.dim + a.n_heads * a.head_dim
                 + 2 * a.n_kv_heads * a.head_dim + -(-splits // 4) * 4)
         marks = best + 2 * _MAX_BEST
         return marks, marks + 2 * self.max_marks
@@ -213,7 +220,7 @@ class PersistentStep:
             template += self.turbo.template(a.head_dim)
         vocab = out.weight.shape[0]
         logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
-                              self.times)(
+                              self.times, self.sync == "flags")(
             inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
             output_dtypes=[mx.float32, mx.int32],
             grid=(self.blocks * self.warps * fd.WARP, 1, 1),
@@ -229,7 +236,7 @@ class PersistentStep:
 
 @lru_cache(maxsize=None)
 def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool,
-            turbo: "fd.TurboSpec | None" = None, times: bool = False):
+            turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -242,6 +249,7 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_WAIT_NS {WAIT_NS}ull\n"
               + f"#define FD_TURBO {int(turbo is not None)}\n"
               + f"#define FD_TIMES {int(times)}\n#define FD_MAX_BLOCKS {_MAX_BEST}\n"
+              + f"#define FD_FLAGS {int(flags)}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

@@ -56,16 +56,20 @@ CACHES = [("fp16", {}), ("fp32", {}), ("turbo_kv_4b", {}),
           ("turbo_kv_3b", dict(score_path="fp32_codebook", v="fp32"))]
 
 
-@pytest.mark.parametrize("kv, options", CACHES, ids=[f"{k}-{'-'.join(o.values())}" for k, o in CACHES])
-@pytest.mark.parametrize("ctx, capacity", [(20, 256), (600, 1024)], ids=["one-split", "splits"])
-def test_logits_are_the_fused_steps_bit_for_bit(model, kv, options, ctx, capacity):
+RUNS = [(kv, o, sync, ctx, cap) for kv, o in CACHES for ctx, cap in ((20, 256), (600, 1024))
+        for sync in ("grid", "flags") if sync == "grid" or kv in ("fp16", "turbo_kv_4b")]
+
+
+@pytest.mark.parametrize("kv, options, sync, ctx, capacity", RUNS,
+                         ids=[f"{k}-{'-'.join(o.values())}-{s}-{c}" for k, o, s, c, _ in RUNS])
+def test_logits_are_the_fused_steps_bit_for_bit(model, kv, options, sync, ctx, capacity):
     identity = lambda logits: logits  # noqa: E731 - hands the logits back
     fused_cache, y = prefilled(model, kv, ctx, **options)
     fused_cache.reserve(capacity)  # the same capacity, so the same splits per head
     fused = Decoder(model, fused_cache, identity, fused=True, compiled=False)
     pers_cache, _ = prefilled(model, kv, ctx, **options)
     pers_cache.reserve(capacity)
-    pers = Decoder(model, pers_cache, greedy, persistent=True)
+    pers = Decoder(model, pers_cache, greedy, persistent=sync)
     assert pers_cache.capacity == fused_cache.capacity == capacity
     token = y
     for _ in range(12):
@@ -107,14 +111,15 @@ def test_a_token_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds(mod
     assert 0 <= dec.check(y.item()) < model.args.vocab_size
 
 
-def test_a_grid_that_cannot_be_resident_fails_in_bounded_time(model):
+@pytest.mark.parametrize("sync", ["grid", "flags"])
+def test_a_grid_that_cannot_be_resident_fails_in_bounded_time(model, sync):
     """Twice as many 512-thread blocks as SMs: the kernel needs 128 registers a thread, so one
     block fills an SM and half the grid waits for the other half to finish; the first barrier
     gives up after WAIT_NS and every block returns."""
     cache, _ = prefilled(model, "fp16", 10)
     dec = Decoder(model, cache, greedy, persistent=True)
     good = pd.PersistentStep(model)
-    dec.persistent = pd.PersistentStep(model, blocks=2 * good.blocks)
+    dec.persistent = pd.PersistentStep(model, blocks=2 * good.blocks, sync=sync)
     start = time.perf_counter()
     y = dec(mx.array([3], mx.uint32))
     # (a block of the second wave that finds the flag already set may report "an earlier

@@ -180,8 +180,11 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
 
                     k, v = cache.take_buffers()
                     kc, vc = (mx.stack([b[0] for b in bufs]) for bufs in (k, v))
-                    pd.PersistentStep(model, fd.TurboSpec.of(cache), blocks=132)(
-                        mx.array([1, 0, 0, 0], mx.int32), fd.position(3), kc, vc)
+                    for sync in ("grid", "flags"):
+                        step = pd.PersistentStep(model, fd.TurboSpec.of(cache), blocks=132,
+                                                 sync=sync, times=sync == "flags")
+                        step._launchable = True  # no probe launch while recording
+                        step(mx.array([1, 0, 0, 0], mx.int32), fd.position(3), kc, vc)
                     cache.give_buffers(k, v, 0)
         # the turbo_kv quantizer / dequantizer kernels, every kind
         for kind in mtk.KINDS:

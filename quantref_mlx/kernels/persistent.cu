@@ -34,6 +34,7 @@ Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[
          failure next[0] = -1 and next[1] the reason: 1 a barrier waited past FD_WAIT_NS (the
          blocks were not all resident: another kernel held SMs), 2 token[0] out of range,
          3 an earlier launch failed (the scratch's error flag is set: the host makes a new one).
+FD_FLAGS 1: phases end with fd_phase_end (persistent.cuh) instead of a grid barrier.
 FD_TIMES 1 (bench/decode_phases.py only): block 0 also writes the global timer at its start and
          as it leaves each barrier into the scratch after the argmax slots (uint64, ns).
 Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (the four matrices'
@@ -44,7 +45,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     constexpr int UNITS = (Q_ROWS + KV_ROWS) / 2;
     constexpr int FB = H / SL;  /* ffn's virtual blocks */
     /* the scratch, in float32 elements (every region 16-byte aligned, for float4 loads) */
-    constexpr int OFF_PA = 16;                             /* attention's fd_project parts */
+    constexpr int OFF_PA = 96;                             /* attention's fd_project parts */
     constexpr int OFF_PF = OFF_PA + NH * DIM + 4;          /* ffn's fd_project parts */
     constexpr int OFF_XA = OFF_PF + FB * DIM + 4;          /* the residual stream, ... */
     constexpr int OFF_XB = OFF_XA + DIM;                   /* ... and after attention */
@@ -58,7 +59,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     using KT = typename fd_elem<decltype(kc)>::type;  /* float or __half: the cache's */
 #endif
     float* sp = const_cast<float*>(scratch);
-    unsigned* bar = reinterpret_cast<unsigned*>(sp);      /* [0] arrivals, [1] error */
+    unsigned* bar = reinterpret_cast<unsigned*>(sp);      /* the sync words: persistent.cuh */
     float* xa = sp + OFF_XA;
     float* xb = sp + OFF_XB;
     float* qv = sp + OFF_Q;
@@ -69,12 +70,28 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
        each barrier, after the first, in times[1 ..]; times[0] at its start */
     unsigned long long* times = reinterpret_cast<unsigned long long*>(sp + OFF_BEST + 2 * FD_MAX_BLOCKS);
     int mark = 1;
-#define FD_SYNC()                                                                     \
+    /* FD_PHASE(P): the end of a phase whose work the blocks b < P did: a grid barrier, or with
+       FD_FLAGS 1 fd_phase_end (the generation to wait for: g0 plus the phases so far) */
+    unsigned g0 = 0u, phase = 0u;
+#define FD_MARK()                                                                     \
     do {                                                                              \
-        if (!fd_grid_sync(bar)) goto failed;                                          \
         if (FD_TIMES && b == 0 && threadIdx.x == 0) times[mark] = fd_now();           \
         ++mark;                                                                       \
     } while (0)
+#if FD_FLAGS
+#define FD_PHASE(P)                                                                   \
+    do {                                                                              \
+        const int p_ = min((int)(P), nb);                                             \
+        if (!fd_phase_end(bar, b < p_, (unsigned)p_, g0 + ++phase)) goto failed;      \
+        FD_MARK();                                                                    \
+    } while (0)
+#else
+#define FD_PHASE(P)                                                                   \
+    do {                                                                              \
+        if (!fd_grid_sync(bar)) goto failed;                                          \
+        FD_MARK();                                                                    \
+    } while (0)
+#endif
     const int nb = (int)gridDim.x;
     const int b = (int)blockIdx.x;
     const int warp = (int)(threadIdx.x >> 5);
@@ -96,10 +113,14 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     }
 
     if (FD_TIMES && b == 0 && threadIdx.x == 0) times[0] = fd_now();
+    /* the generation every block starts from: read before the first barrier, which no block
+       passes before all have read it, and nothing advances it before that */
+    g0 = fd_volatile(bar + 32);
     /* E: the embedding row */
     for (int i = b * (int)blockDim.x + (int)threadIdx.x; i < DIM; i += nb * (int)blockDim.x)
         xa[i] = fd_weight<DIM, EBITS>(wemb, FD_QUANT_E, (size_t)tok, i);
-    FD_SYNC();
+    if (!fd_grid_sync(bar)) goto failed;
+    FD_MARK();
 
     for (int layer = 0; layer < NL; ++layer) {
         const int64_t* off = woff + layer * 8;
@@ -121,7 +142,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             fd_qkv_rope_unit<DIM, BQKV, HD, Q_ROWS, Q_ROWS + KV_ROWS / 2>(
                 unit, lane, xa, nw_attn, wqkv, scales + off[1], biases + off[1], pos, inv_freq,
                 qv, kvt);
-        FD_SYNC();
+        FD_PHASE((UNITS + NW - 1) / NW);
 
         /* turbo_kv: always the split form, whose merge of one split is exact (e^0 = 1: the same
            bits as the one-pass form) and which keeps the kernel within 128 registers a thread
@@ -150,21 +171,21 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 #endif
                 __syncthreads();
             }
-            FD_SYNC();
+            FD_PHASE(NH * S);
             for (int h = b; h < NH; h += nb) {
                 fd_merge_project<NH, HD, DIM, BO>(h, S, splits, wo, scales + off[3],
                                                   biases + off[3], xa, sp + OFF_PA, xb);
                 __syncthreads();
             }
         }
-        FD_SYNC();
+        FD_PHASE(NH);
 
         for (int vb = b; vb < FB; vb += nb) {
             fd_ffn<DIM, H, SL, BGU, BDN>(vb, xb, nw_ffn, wgu, scales + off[5], biases + off[5],
                                          wdn, scales + off[7], biases + off[7], sp + OFF_PF, xa);
             __syncthreads();
         }
-        FD_SYNC();
+        FD_PHASE(FB);
     }
 
     {   /* the logits, two rows at a time (their loads in flight together; each row's sum as
@@ -203,7 +224,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             best[2 * b] = bv;
             best[2 * b + 1] = __int_as_float(bi);
         }
-        FD_SYNC();
+        FD_PHASE(nb);
         if (b == 0 && threadIdx.x == 0) {
             for (int o = 1; o < nb; ++o)
                 fd_better(best[2 * o], __float_as_int(best[2 * o + 1]), &bv, &bi);

@@ -2,7 +2,11 @@
 bounded, and the small helpers of the greedy token.
 
 FD_MAX_SPLITS and FD_SPLIT_KEYS (fused_decode.ATTEND_MAX_SPLITS, ATTEND_SPLIT_KEYS) and
-FD_WAIT_NS (the longest a barrier waits, in ns) are #defined before this file. */
+FD_WAIT_NS (the longest a barrier waits, in ns) are #defined before this file.
+
+The step's sync words (uint32, the scratch's first 96 elements, each group on its own 128-byte
+line): bar[0] the grid barrier's arrivals, bar[1] the error flag, bar[32] the phase generation,
+bar[64] a phase's arrivals. */
 
 template <typename T> struct fd_elem { using type = T; };
 template <typename T> struct fd_elem<const T*> { using type = T; };
@@ -58,4 +62,43 @@ __device__ __forceinline__ bool fd_grid_sync(unsigned* bar) {
     }
     __syncthreads();
     return fd_ok != 0;
+}
+
+/* The end of a phase in the flags form (FD_FLAGS 1): only the P blocks that did the phase's work
+   count themselves (bar[64]); the last of them resets the count and advances the generation
+   bar[32], and every block, working or not, waits until the generation reaches ``target``
+   (which it knows: the generation it read at its start plus the phases since). Fewer atomics
+   than a grid barrier, and the waiters poll a line no arrival writes. Bounded as fd_grid_sync.
+   Called by every thread. */
+__device__ __forceinline__ bool fd_phase_end(unsigned* bar, bool participant, unsigned P,
+                                             unsigned target) {
+    __shared__ int fd_ok2;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int ok = 1;
+        if (participant) {
+            __threadfence();
+            if (atomicAdd(bar + 64, 1u) == P - 1u) {  /* the last: all P have written */
+                atomicExch(bar + 64, 0u);
+                __threadfence();
+                atomicAdd(bar + 32, 1u);
+            }
+        }
+        const unsigned long long t0 = fd_now();
+        while ((int)(fd_volatile(bar + 32) - target) < 0) {
+            if (fd_volatile(bar + 1) != 0u) {
+                ok = 0;
+                break;
+            }
+            if (fd_now() - t0 > FD_WAIT_NS) {
+                atomicExch(bar + 1, 1u);
+                ok = 0;
+                break;
+            }
+        }
+        __threadfence();
+        fd_ok2 = ok;
+    }
+    __syncthreads();
+    return fd_ok2 != 0;
 }
