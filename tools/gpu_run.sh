@@ -6,7 +6,9 @@
 #   bash tools/gpu_run.sh tests     # the CUDA-only tests (the default model's too when
 #                                   # QUANTREF_CACHE holds it)
 #   bash tools/gpu_run.sh quick     # fused vs persistent decode, fp16, contexts 128 and 4096
+#   bash tools/gpu_run.sh phases    # bench/decode_phases.py --persistent: what bounds the step
 #   bash tools/gpu_run.sh bench     # bench/decode_speed.py with llama.cpp's and mlx-lm's rows
+#   bash tools/gpu_run.sh crossover # bench/crossover.py: the model size where the GPU wins
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
 # bytes) and .device/m2/part (the rest) travel in two calls on the same machine:
 #   bash tools/gpu_run.sh model1    # keeps the first part in /tmp
@@ -37,15 +39,24 @@ quick)
   python3 bench/decode_speed.py --weights quantized --modes mlx,mlx-persistent --kv fp16 \
     --contexts 128,4096 "${@:2}"
   ;;
+phases)
+  python3 bench/decode_phases.py --weights quantized --persistent --kv fp16,turbo_kv_4b \
+    --steps 50 "${@:2}"
+  ;;
+crossover)
+  B=/tmp/llamacpp/llama.cpp/build/bin/llama-bench
+  python3 bench/crossover.py --llama-bench "$B" --dir /tmp/crossover "${@:2}"
+  ;;
 bench)
   B=/tmp/llamacpp/llama.cpp/build/bin/llama-bench
   [ -x "$B" ] || { tail -5 /tmp/llbuild.log; exit 1; }
   xz -dc .device/llamacpp-cuda/smollm2-135m-header.Q4_1.gguf.xz > /tmp/h.gguf
   python3 .device/llamacpp-cuda/random_gguf.py /tmp/h.gguf /tmp/smollm2-random.gguf
   nvidia-smi --query-gpu=name,clocks.max.sm,memory.total,driver_version --format=csv,noheader
-  python3 bench/decode_speed.py --weights quantized --modes mlx,mlx-persistent,mlx-plain \
+  python3 bench/decode_speed.py --weights quantized \
+    --modes mlx,mlx-persistent,mlx-persistent-flags,mlx-plain \
     --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,1024,4096,8192 \
     --llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf --mlx-lm "${@:2}"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|bench"; exit 2 ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover"; exit 2 ;;
 esac
