@@ -244,6 +244,8 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
     header = (fd._constants(eps, scale, False)
               + f"#define FD_QUANT_E {'wemb_scales, wemb_biases' if embed_quantized else none}\n"
               + f"#define FD_QUANT_O {'wout_scales, wout_biases' if out_quantized else none}\n"
+              + f"#define FD_OUT_SCALES {'wout_scales' if out_quantized else 'nullptr'}\n"
+              + f"#define FD_OUT_BIASES {'wout_biases' if out_quantized else 'nullptr'}\n"
               + f"#define FD_MAX_SPLITS {fd.ATTEND_MAX_SPLITS}\n"
               + f"#define FD_SPLIT_KEYS {fd.ATTEND_SPLIT_KEYS}\n"
               + f"#define FD_WAIT_NS {WAIT_NS}ull\n"

@@ -142,6 +142,31 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             fd_qkv_rope_unit<DIM, BQKV, HD, Q_ROWS, Q_ROWS + KV_ROWS / 2>(
                 unit, lane, xa, nw_attn, wqkv, scales + off[1], biases + off[1], pos, inv_freq,
                 qv, kvt);
+        {   /* the idle blocks: this layer's cached keys and values (what attention reads) and
+               Wo toward L2 */
+            const int first = (UNITS + NW - 1) / NW;
+            if (b >= first) {
+                const int part = (b - first) * (int)blockDim.x + (int)threadIdx.x;
+                const int parts = (nb - first) * (int)blockDim.x;
+                const int L = pos[0];  /* the positions already in the cache */
+#if FD_TURBO
+                constexpr int KROW = NC * BB;  /* bytes a position, a KV head */
+                constexpr int VROW = (VT >= 2 ? VB : HD * (VT == 0 ? 4 : 2));
+#else
+                constexpr int KROW = HD * (int)sizeof(KT);
+                constexpr int VROW = KROW;
+#endif
+                for (int g = 0; g < NKV; ++g) {
+                    fd_prefetch(reinterpret_cast<const char*>(kcl) + (size_t)g * cap * KROW,
+                                (size_t)L * KROW, part, parts);
+                    fd_prefetch(reinterpret_cast<const char*>(vcl) + (size_t)g * cap * VROW,
+                                (size_t)L * VROW, part, parts);
+                }
+                fd_prefetch(wo, (size_t)DIM * Q_ROWS * BO / 8, part, parts);
+                fd_prefetch(scales + off[3], (size_t)DIM * Q_ROWS / 32 * 4, part, parts);
+                fd_prefetch(biases + off[3], (size_t)DIM * Q_ROWS / 32 * 4, part, parts);
+            }
+        }
         FD_PHASE((UNITS + NW - 1) / NW);
 
         /* turbo_kv: always the split form, whose merge of one split is exact (e^0 = 1: the same
@@ -178,12 +203,44 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
                 __syncthreads();
             }
         }
+        {   /* the blocks attention left idle: this layer's W gate|up and W down toward L2
+               (the merge's blocks are the first NH: the same idle ones) */
+            const int first = min(nb, NH * S);
+            if (b >= first) {
+                const int part = (b - first) * (int)blockDim.x + (int)threadIdx.x;
+                const int parts = (nb - first) * (int)blockDim.x;
+                fd_prefetch(wgu, (size_t)2 * H * DIM * BGU / 8, part, parts);
+                fd_prefetch(scales + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
+                fd_prefetch(biases + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
+                fd_prefetch(wdn, (size_t)DIM * H * BDN / 8, part, parts);
+                fd_prefetch(scales + off[7], (size_t)DIM * H / 32 * 4, part, parts);
+                fd_prefetch(biases + off[7], (size_t)DIM * H / 32 * 4, part, parts);
+            }
+        }
         FD_PHASE(NH);
 
         for (int vb = b; vb < FB; vb += nb) {
             fd_ffn<DIM, H, SL, BGU, BDN>(vb, xb, nw_ffn, wgu, scales + off[5], biases + off[5],
                                          wdn, scales + off[7], biases + off[7], sp + OFF_PF, xa);
             __syncthreads();
+        }
+        if (b >= FB) {  /* the idle blocks: the next layer's Wqkv (after the last, the output
+                           matrix) toward L2 */
+            const int part = (b - FB) * (int)blockDim.x + (int)threadIdx.x;
+            const int parts = (nb - FB) * (int)blockDim.x;
+            if (layer + 1 < NL) {
+                const int64_t* nxt = woff + (layer + 1) * 8;
+                fd_prefetch(codes + nxt[0], (size_t)(Q_ROWS + KV_ROWS) * DIM * BQKV / 8, part,
+                            parts);
+                fd_prefetch(scales + nxt[1], (size_t)(Q_ROWS + KV_ROWS) * DIM / 32 * 4, part,
+                            parts);
+                fd_prefetch(biases + nxt[1], (size_t)(Q_ROWS + KV_ROWS) * DIM / 32 * 4, part,
+                            parts);
+            } else if (OBITS) {
+                fd_prefetch(wout, (size_t)VOCAB * DIM * OBITS / 8, part, parts);
+                fd_prefetch(FD_OUT_SCALES, (size_t)VOCAB * DIM / 32 * 4, part, parts);
+                fd_prefetch(FD_OUT_BIASES, (size_t)VOCAB * DIM / 32 * 4, part, parts);
+            }
         }
         FD_PHASE(FB);
     }

@@ -102,3 +102,12 @@ __device__ __forceinline__ bool fd_phase_end(unsigned* bar, bool participant, un
     __syncthreads();
     return fd_ok2 != 0;
 }
+
+/* Bring bytes [p, p + bytes) toward L2 (prefetch.global.L2, one per 128-byte line), this
+   thread's share of ``parts`` (``part`` = its rank): the blocks a phase leaves idle fetch what
+   the next phase will read, so that it waits on L2, not on memory. No value changes. */
+__device__ __forceinline__ void fd_prefetch(const void* p, size_t bytes, int part, int parts) {
+    const char* c = static_cast<const char*>(p);
+    for (size_t at = (size_t)part * 128; at < bytes; at += (size_t)parts * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + at));
+}
