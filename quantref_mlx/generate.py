@@ -193,21 +193,25 @@ class Decoder:
     logits as the fused step bit for bit; with a greedy sampler (:func:`greedy`) the kernel's
     own argmax is the token. Read tokens back through :meth:`check`, which raises if the
     kernel stopped instead of finishing. ``persistent="grid"`` or ``"flags"`` also chooses how
-    its phases end (:data:`quantref_mlx.persistent_decode.SYNC`).
+    its phases end (:data:`quantref_mlx.persistent_decode.SYNC`); ``None``: wherever it runs
+    (:func:`quantref_mlx.persistent_decode.supported`).
     """
 
     def __init__(self, model: "Model", cache: "KVCache", sampler: SamplerFn,
                  compiled: bool | None = None, fused: bool | None = None,
-                 persistent: bool | str = False):
+                 persistent: bool | str | None = False):
         from .cache import StepCache, TurboKeyCodec
         from .model import on_gpu
 
         self.model, self.cache, self.sampler = model, cache, sampler
         self.persistent = None
+        if persistent is None:  # wherever it runs
+            persistent = persistent_supported(model, cache) is None
         if persistent:
             why = persistent_supported(model, cache)
             if why:
                 raise ValueError(f"no persistent decode step here: {why}")
+            self.fused, self.compiled = False, False
             self.persistent = PersistentStep(model, TurboSpec.of(cache), **(
                 {"sync": persistent} if isinstance(persistent, str) else {}))
             self._whole = None  # (kc, vc): the cache's buffers, whole-model
@@ -341,7 +345,7 @@ def stream_generate(
     kv: str = "fp32",
     prefill_step: int = 256,
     compiled: bool | None = None,
-    persistent: bool = False,
+    persistent: bool | str | None = False,
     **cache_options: Any,
 ) -> Iterator[GenerationResponse]:
     """As :func:`quantref.generate.stream_generate`, evaluated once per token (``compiled``,
