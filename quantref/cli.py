@@ -427,6 +427,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     opts = _turbo_opts(args, [args.kv])
     backend, engine, model = _engine(args)
+    if backend == "mlx":  # the MLX step the rule names (quantref.backend): persistent, where
+        # it runs, up to CUDA_PERSISTENT_MAX_PARAMS parameters on a CUDA GPU
+        step = auto_backend(_model_path(args)).step
+        opts["persistent"] = None if step == "persistent" else False
     last = None
     for last in engine.stream_generate(
             model, args.prompt, args.max_tokens, temp=args.temp, top_p=args.top_p,
