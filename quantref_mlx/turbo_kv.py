@@ -443,14 +443,28 @@ def _thresholds(levels: tuple[float, ...]) -> tuple[mx.array, ...]:
     return tuple(out)
 
 
+_SMALL_COMPARE = 1 << 16  # elements of the [..., n_levels - 1] compare, at most
+
+
+@lru_cache(maxsize=None)
+def _threshold_array(levels: tuple[float, ...]) -> mx.array:
+    """:func:`_thresholds` as one float32 array ``[n_levels - 1]``, made once."""
+    return mx.array(np.array([np.array(t) for t in _thresholds(levels)], np.float32))
+
+
 def _nearest_small(t: mx.array, levels: np.ndarray) -> mx.array:
     """:func:`nearest_centroid` for ``|t| < 2**16`` (always so in quantize: ``|t| <= ~CENT_MAX``).
 
-    ``t float32 [...]`` -> ``uint8 [...]``: ``#{j : t >= T[j]}``, one whole-array compare per
-    threshold (on MLX's CPU this beats a gather-based binary search and a ``[..., n_levels]``
-    compare, and it allocates nothing larger than ``t``).
+    ``t float32 [...]`` -> ``uint8 [...]``: ``#{j : t >= T[j]}``. For a decode step's few
+    values one ``[..., n_levels - 1]`` compare and a sum (3 primitives: a step pays per
+    primitive); for larger arrays one whole-array compare per threshold (on MLX's CPU this beats
+    a gather-based binary search and the ``[..., n_levels]`` compare, and it allocates nothing
+    larger than ``t``). Both count exactly.
     """
-    thresholds = _thresholds(tuple(float(v) for v in levels))
+    key = tuple(float(v) for v in levels)
+    thresholds = _thresholds(key)
+    if t.size * len(thresholds) <= _SMALL_COMPARE:
+        return (t[..., None] >= _threshold_array(key)).sum(axis=-1).astype(mx.uint8)
     idx = (t >= thresholds[0]).astype(mx.uint8)
     for thr in thresholds[1:]:
         idx = idx + (t >= thr).astype(mx.uint8)
@@ -499,7 +513,7 @@ def _quantize_chunks(x: mx.array, kind: str) -> mx.array:
     ss = mx.cumsum(x * x, axis=-1)[..., -1]  # the sequential float32 sum of the C loop
     norm = mx.sqrt(ss)
     inv = mx.where(norm > _f32(_EPS), _f32(1) / norm, _f32(0))
-    r = rotate(x * inv[..., None], cd)
+    r = _rotate_fast(x * inv[..., None])  # rotate's bits in two primitives
     m = mx.abs(r).max(axis=-1)
     m = mx.where(m < _f32(_EPS), _f32(1), m)
     s = _f32(CENT_MAX[kind]) / m
@@ -768,7 +782,7 @@ def _rotate_fast(x: mx.array) -> mx.array:
     cd = x.shape[-1]
     n2 = _pow2_floor(cd)
     y = x[..., :n2] * _signs(n2)
-    if n2 > 1:
+    if n2 > 1 and y.size:  # (MLX refuses an empty transform)
         y = mx.hadamard_transform(y, scale=float(np.float32(1) / np.sqrt(np.float32(n2))))
     return y if n2 == cd else mx.concatenate([y, x[..., n2:]], axis=-1)
 
