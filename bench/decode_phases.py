@@ -89,15 +89,18 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
     # the blocks' bests, by block 0 after the last barrier, has none: its time is not counted)
     names = ["embedding"] + per_layer * a.n_layers + ["logits"]
     sums = dict.fromkeys(["embedding", *per_layer, "logits"], 0.0)
+    skew = 0.0
     for i in range(steps + 2):
         y = dec(y)
         dec.check(y.item())
         if i < 2:
             continue  # the first launches compile and probe
         t = dec.persistent.marks()[:len(names)].astype(np.float64) / 1e3  # us since the start
+        skew += float(dec.persistent.starts().max()) / 1e3
         for name, d in zip(names, np.diff(np.concatenate([[0.0], t]))):
             sums[name] += d
     out = {k: v / steps for k, v in sums.items()}
+    out["skew"] = skew / steps  # us from block 0's start to the last block's
     out["barriers"] = len(names)
     out["warps"] = dec.persistent.warps
     out["blocks"] = dec.persistent.blocks
@@ -176,14 +179,15 @@ def main() -> None:
                   f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
         print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
               "and the device's time per token with steps chained (no host in between):")
-        print("| KV | sync | blocks x warps | phases | embedding | qkv | attention | merge | ffn "
-              "| logits | sum | chained us/token |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| KV | sync | blocks x warps | phases | last block starts | embedding | qkv | "
+              "attention | merge | ffn | logits | sum | chained us/token |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for kv, sync in [(kv, s) for kv in args.kv.split(",") for s in ("grid", "flags")]:
             m = persistent_marks(model, kv, args.ctx, args.steps, sync)
             parts = [m.get(k, 0.0) for k in ("embedding", "qkv", "attention", "merge", "ffn",
                                              "logits")]
             print(f"| {kv} | {sync} | {m['blocks']} x {m['warps']} | {m['barriers']} | "
+                  f"{m['skew']:.1f} | "
                   + " | ".join(f"{x:.1f}" for x in parts)
                   + f" | {sum(parts):.1f} | {m['chained']:.1f} |", flush=True)
     if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():

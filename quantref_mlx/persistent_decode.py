@@ -163,7 +163,7 @@ class PersistentStep:
         best = (96 + a.n_heads * a.dim + 4 + fb * a.dim + 4 + 2 * a.dim + a.n_heads * a.head_dim
                 + 2 * a.n_kv_heads * a.head_dim + -(-splits // 4) * 4)
         marks = best + 2 * _MAX_BEST
-        return marks, marks + 2 * self.max_marks
+        return marks, marks + 2 * (self.max_marks + _MAX_BEST)  # the marks, each block's start
 
     @property
     def max_marks(self) -> int:
@@ -181,6 +181,15 @@ class PersistentStep:
         start = self._offsets()[0]
         raw = np.array(self.scratch[start:start + 2 * self.max_marks]).view(np.uint64)
         return (raw[1:] - raw[0]).astype(np.int64).clip(min=0) if raw[0] else raw[1:] * 0
+
+    def starts(self) -> np.ndarray:
+        """With ``times=True``, after an evaluated step: ns after block 0's start at which each
+        block started (``int64 [blocks]``): how long the launch took to put every block on its
+        SM."""
+        start = self._offsets()[0]
+        raw = np.array(self.scratch[start:start + 2 * (self.max_marks + self.blocks)]).view(
+            np.uint64)
+        return raw[self.max_marks:].astype(np.int64) - np.int64(raw[0])
 
     def _probe(self, kc: mx.array, vc: mx.array) -> None:
         """Launch once with an invalid token (every block returns at once, touching nothing):
