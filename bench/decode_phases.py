@@ -78,13 +78,17 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
     logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
     mx.eval(logits, cache.state())
     cache.reserve(max(256, 1 << (ctx + 2 * steps + 8).bit_length()))
+    form = dict(sync="grid", form="rows") if sync == "rows" else dict(sync=sync)
     dec = Decoder(model, cache, sampler, persistent=sync)
-    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), times=True, sync=sync)
+    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), times=True, **form)
     y = sampler(logits)
     a = model.args
     splits = max(1, min(fd.ATTEND_MAX_SPLITS, cache.capacity // fd.ATTEND_SPLIT_KEYS))
-    per_layer = ["qkv", "attention"] + (["merge"] if splits > 1 or dec.persistent.turbo else []) \
-        + ["ffn"]
+    if sync == "rows":
+        per_layer = ["qkv", "attention", "wo", "gate_up", "down"]
+    else:
+        per_layer = ["qkv", "attention"] + (["merge"] if splits > 1 or dec.persistent.turbo
+                                            else []) + ["ffn"]
     # one mark per barrier: the embedding's, each layer's phases', the logits' (the argmax of
     # the blocks' bests, by block 0 after the last barrier, has none: its time is not counted)
     names = ["embedding"] + per_layer * a.n_layers + ["logits"]
@@ -105,7 +109,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
     out["warps"] = dec.persistent.warps
     out["blocks"] = dec.persistent.blocks
     # the device alone: steps chained, one evaluation
-    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), sync=sync)
+    dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), **form)
     y = dec(y)
     mx.eval(y)
     start = time.perf_counter()
@@ -179,13 +183,16 @@ def main() -> None:
                   f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
         print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
               "and the device's time per token with steps chained (no host in between):")
-        print("| KV | sync | blocks x warps | phases | last block starts | embedding | qkv | "
-              "attention | merge | ffn | logits | sum | chained us/token |")
+        print("| KV | form | blocks x warps | phases | last block starts | embedding | qkv | "
+              "attention | merge (or Wo) | ffn (gate,up + down) | logits | sum | "
+              "chained us/token |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for kv, sync in [(kv, s) for kv in args.kv.split(",") for s in ("grid", "flags")]:
+        for kv, sync in [(kv, s) for kv in args.kv.split(",") for s in ("grid", "flags", "rows")]:
             m = persistent_marks(model, kv, args.ctx, args.steps, sync)
-            parts = [m.get(k, 0.0) for k in ("embedding", "qkv", "attention", "merge", "ffn",
-                                             "logits")]
+            parts = [m.get("embedding", 0.0), m.get("qkv", 0.0), m.get("attention", 0.0),
+                     m.get("merge", 0.0) + m.get("wo", 0.0),
+                     m.get("ffn", 0.0) + m.get("gate_up", 0.0) + m.get("down", 0.0),
+                     m.get("logits", 0.0)]
             print(f"| {kv} | {sync} | {m['blocks']} x {m['warps']} | {m['barriers']} | "
                   f"{m['skew']:.1f} | "
                   + " | ".join(f"{x:.1f}" for x in parts)

@@ -33,7 +33,7 @@ import numpy as np
 from _common import machine  # bench/ is the script's folder, so on sys.path
 
 MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-persistent",
-         "mlx-persistent-flags", "mlx-op", "mlx-prefill-plain")
+         "mlx-persistent-flags", "mlx-persistent-rows", "mlx-op", "mlx-prefill-plain")
 # mlx: lazy, one evaluation per token, as generation runs it (quantref_mlx.generate.Decoder's
 #   defaults: on CUDA with an fp32/fp16 cache the fused-kernel step, compiled; turbo_kv caches
 #   on a GPU the plain graph, compiled; otherwise the plain graph);
@@ -42,6 +42,7 @@ MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-per
 # mlx-fused-eager: lazy, the fused-kernel step (quantref_mlx.fused_decode), not compiled;
 # mlx-persistent: lazy, the whole token in one launch (quantref_mlx.persistent_decode), its
 #   phases ending at grid barriers; mlx-persistent-flags: the same, phases ending on flags;
+#   mlx-persistent-rows: every projection one row per warp over the grid (persistent.cu);
 # mlx-op: an evaluation after every operation (the per-op-sync pattern, --sync-every-op);
 # mlx-prefill-plain: as mlx, but a turbo_kv cache's prefill attention runs the plain graph
 #   instead of its CUDA kernel (quantref_mlx.turbo_prefill, which mlx uses on CUDA): the
@@ -50,7 +51,8 @@ DECODER = {"mlx": {}, "mlx-prefill-plain": {}, "mlx-plain": dict(compiled=False,
            "mlx-plain-c": dict(compiled=True, fused=False),
            "mlx-fused-eager": dict(compiled=False, fused=True),
            "mlx-persistent": dict(persistent="grid"),
-           "mlx-persistent-flags": dict(persistent="flags"), "mlx-op": dict(fused=False)}
+           "mlx-persistent-flags": dict(persistent="flags"),
+           "mlx-persistent-rows": dict(persistent="rows"), "mlx-op": dict(fused=False)}
 DEFAULT_MODES = ("numpy", "mlx", "mlx-plain", "mlx-op")
 
 

@@ -193,7 +193,8 @@ class Decoder:
     logits as the fused step bit for bit; with a greedy sampler (:func:`greedy`) the kernel's
     own argmax is the token. Read tokens back through :meth:`check`, which raises if the
     kernel stopped instead of finishing. ``persistent="grid"`` or ``"flags"`` also chooses how
-    its phases end (:data:`quantref_mlx.persistent_decode.SYNC`); ``None``: wherever it runs
+    its phases end (:data:`quantref_mlx.persistent_decode.SYNC`), ``"rows"`` how its work is
+    cut (:data:`~quantref_mlx.persistent_decode.FORM`); ``None``: wherever it runs
     (:func:`quantref_mlx.persistent_decode.supported`).
     """
 
@@ -212,8 +213,12 @@ class Decoder:
             if why:
                 raise ValueError(f"no persistent decode step here: {why}")
             self.fused, self.compiled = False, False
+            kind = {"grid": {"sync": "grid"}, "flags": {"sync": "flags"},
+                    "rows": {"form": "rows"}}
+            if isinstance(persistent, str) and persistent not in kind:
+                raise ValueError(f"persistent must be a bool, None, or one of {sorted(kind)}")
             self.persistent = PersistentStep(model, TurboSpec.of(cache), **(
-                {"sync": persistent} if isinstance(persistent, str) else {}))
+                kind[persistent] if isinstance(persistent, str) else {}))
             self._whole = None  # (kc, vc): the cache's buffers, whole-model
             self._pos = None
             self._next = None  # the last step's (token view, next int32 [4])

@@ -55,6 +55,9 @@ _MAX_BEST = 1024  # blocks at most (the scratch's per-block argmax slots)
 # cooperative groups' scheme); "flags", only the blocks that did the phase's work count
 # themselves and the last advances a generation that everyone polls (persistent.cuh)
 SYNC = "grid"
+# How the work is cut: "fused", the fused step's kernels as they are (its logits bit for bit);
+# "rows", every projection one output row per warp over the whole grid (persistent.cu)
+FORM = "fused"
 
 REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
               "launch was resident (another kernel or process holding SMs?)",
@@ -101,6 +104,9 @@ def supported(model: "Model", cache: "KVCache") -> str | None:
         return "layer weights other than 4-bit (the persistent step reads 4-bit layers)"
     # Registers a thread (ptxas, sm_90; tools/nvrtc_check.py --resources): at most 128 with
     # head_dim 32 / 64, every cache type; 255 (and spills) with head_dim 256
+    a = model.args
+    if a.hidden_dim > a.n_heads * fd.ATTEND_MAX_SPLITS * (a.head_dim + 2):
+        return "a hidden size larger than the scratch the rows form keeps it in"
     if model.args.head_dim > 64:
         return f"head_dim {model.args.head_dim} (the persistent step's registers fit up to 64)"
     blocks = sm_count()
@@ -121,15 +127,17 @@ class PersistentStep:
 
     def __init__(self, model: "Model", turbo: "fd.TurboSpec | None" = None,
                  blocks: int | None = None, warps: int = WARPS, times: bool = False,
-                 sync: str = SYNC):
+                 sync: str = SYNC, form: str = FORM):
         if sync not in ("grid", "flags"):
             raise ValueError(f"sync must be 'grid' or 'flags', not {sync!r}")
+        if form not in ("fused", "rows"):
+            raise ValueError(f"form must be 'fused' or 'rows', not {form!r}")
         a, w = model.args, model.weights
         self.args, self.weights, self.turbo = a, w, turbo
         self.blocks = min(blocks or sm_count() or 0, _MAX_BEST)
         if self.blocks < 1:
             raise ValueError("no CUDA device to size the persistent step's grid")
-        self.warps, self.times, self.sync = warps, times, sync
+        self.warps, self.times, self.sync, self.form = warps, times, sync, form
         self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
@@ -229,7 +237,7 @@ class PersistentStep:
             template += self.turbo.template(a.head_dim)
         vocab = out.weight.shape[0]
         logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
-                              self.times, self.sync == "flags")(
+                              self.times, self.sync == "flags", self.form == "rows")(
             inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
             output_dtypes=[mx.float32, mx.int32],
             grid=(self.blocks * self.warps * fd.WARP, 1, 1),
@@ -245,7 +253,8 @@ class PersistentStep:
 
 @lru_cache(maxsize=None)
 def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool,
-            turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False):
+            turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False,
+            rows: bool = False):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -260,7 +269,7 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_WAIT_NS {WAIT_NS}ull\n"
               + f"#define FD_TURBO {int(turbo is not None)}\n"
               + f"#define FD_TIMES {int(times)}\n#define FD_MAX_BLOCKS {_MAX_BEST}\n"
-              + f"#define FD_FLAGS {int(flags)}\n"
+              + f"#define FD_FLAGS {int(flags)}\n#define FD_ROWS {int(rows)}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

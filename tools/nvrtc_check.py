@@ -180,9 +180,9 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
 
                     k, v = cache.take_buffers()
                     kc, vc = (mx.stack([b[0] for b in bufs]) for bufs in (k, v))
-                    for sync in ("grid", "flags"):
+                    for sync, form in (("grid", "fused"), ("flags", "fused"), ("grid", "rows")):
                         step = pd.PersistentStep(model, fd.TurboSpec.of(cache), blocks=132,
-                                                 sync=sync, times=sync == "flags")
+                                                 sync=sync, times=sync == "flags", form=form)
                         step._launchable = True  # no probe launch while recording
                         step(mx.array([1, 0, 0, 0], mx.int32), fd.position(3), kc, vc)
                     cache.give_buffers(k, v, 0)

@@ -34,6 +34,7 @@ Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[
          failure next[0] = -1 and next[1] the reason: 1 a barrier waited past FD_WAIT_NS (the
          blocks were not all resident: another kernel held SMs), 2 token[0] out of range,
          3 an earlier launch failed (the scratch's error flag is set: the host makes a new one).
+FD_ROWS 1: the rows form (see below): every projection one output row per warp over the grid.
 FD_FLAGS 1: phases end with fd_phase_end (persistent.cuh) instead of a grid barrier.
 FD_TIMES 1 (bench/decode_phases.py only): block 0 also writes the global timer at its start and
          as it leaves each barrier into the scratch after the argmax slots (uint64, ns), and
@@ -174,6 +175,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         }
         FD_PHASE((UNITS + NW - 1) / NW);
 
+#if !FD_ROWS
         /* turbo_kv: always the split form, whose merge of one split is exact (e^0 = 1: the same
            bits as the one-pass form) and which keeps the kernel within 128 registers a thread
            (the one-pass form with its projection inlined takes 156 with turbo_kv_5b's dequant
@@ -248,6 +250,86 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             }
         }
         FD_PHASE(FB);
+#else
+        /* The rows form (FD_ROWS 1): attention in its split form only (partial softmaxes of
+           S splits a head), then every projection one output row per warp over the whole grid,
+           each a phase of its own: Wo (its input, the heads' outputs, merged by each block into
+           shared memory as fd_merge_project merges them), gate|up, down. The fused step's
+           projections split by columns among a few blocks, one of which sums them; here all
+           the SMs work on each, and the dependent steps of a phase are fewer. The sums run in
+           another order than the fused step's: logits within rounding of its, not bit for
+           bit. The gate|up outputs live in the splits' scratch, free by then. */
+        static_assert(H <= NH * FD_MAX_SPLITS * (HD + 2), "h lives in the splits' scratch");
+        for (int vb = b; vb < NH * S; vb += nb) {
+#if FD_TURBO
+            fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB>(
+                vb, NH * S, qv, kvt, kcl, vcl, cap, pos, splits);
+#else
+            fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
+                vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
+                (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
+                (const float*)nullptr, splits);
+#endif
+            __syncthreads();
+        }
+        if (b >= NH * S) {  /* the idle blocks: this layer's Wo, W gate|up, W down toward L2 */
+            const int part = (b - NH * S) * (int)blockDim.x + (int)threadIdx.x;
+            const int parts = (nb - NH * S) * (int)blockDim.x;
+            fd_prefetch(wgu, (size_t)2 * H * DIM * BGU / 8, part, parts);
+            fd_prefetch(scales + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
+            fd_prefetch(biases + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
+            fd_prefetch(wdn, (size_t)DIM * H * BDN / 8, part, parts);
+            fd_prefetch(scales + off[7], (size_t)DIM * H / 32 * 4, part, parts);
+            fd_prefetch(biases + off[7], (size_t)DIM * H / 32 * 4, part, parts);
+        }
+        FD_PHASE(NH * S);
+        {   /* Wo: each block merges the heads' splits into shared memory, then rows */
+            __shared__ __align__(16) float sm_att[Q_ROWS];
+            const float NEG_INF = __int_as_float(0xff800000);
+            for (int i = (int)threadIdx.x; i < Q_ROWS; i += (int)blockDim.x) {
+                const int h = i / HD, d = i % HD;
+                const float* p = splits + (size_t)h * S * (HD + 2);
+                float M = NEG_INF;
+                for (int sp_ = 0; sp_ < S; ++sp_) M = fmaxf(M, p[sp_ * (HD + 2) + HD]);
+                float total = 0.0f;
+                float o = 0.0f;
+                for (int sp_ = 0; sp_ < S; ++sp_) {
+                    const float m = p[sp_ * (HD + 2) + HD];
+                    if (m == NEG_INF) continue;  /* a split that had no key */
+                    const float e = expf(m - M);
+                    total += p[sp_ * (HD + 2) + HD + 1] * e;
+                    o += p[sp_ * (HD + 2) + d] * e;
+                }
+                sm_att[i] = o / total;
+            }
+            __syncthreads();
+            for (int row = gw; row < DIM; row += nwarps) {
+                float y[2];
+                fd_rows_dot<Q_ROWS, 1, BO>(wo, scales + off[3], biases + off[3], row, row, sm_att,
+                                           nullptr, y, nullptr, lane);
+                if (lane == 0) xb[row] = xa[row] + y[0];
+            }
+        }
+        FD_PHASE(nb);
+        for (int unit = gw; unit < H; unit += nwarps) {  /* gate|up, SwiGLU: h into the splits */
+            float y[2], ss;
+            fd_rows_dot<DIM, 2, BGU>(wgu, scales + off[5], biases + off[5], unit, H + unit, xb,
+                                     nw_ffn, y, &ss, lane);
+            if (lane == 0) {
+                const float inv = fd_inv_rms(ss, DIM, FD_EPS);
+                const float g = y[0] * inv;
+                splits[unit] = g / (1.0f + expf(-g)) * (y[1] * inv);
+            }
+        }
+        FD_PHASE(nb);
+        for (int row = gw; row < DIM; row += nwarps) {  /* down, with the residual */
+            float y[2];
+            fd_rows_dot<H, 1, BDN>(wdn, scales + off[7], biases + off[7], row, row, splits,
+                                   nullptr, y, nullptr, lane);
+            if (lane == 0) xa[row] = xb[row] + y[0];
+        }
+        FD_PHASE(nb);
+#endif
     }
 
     {   /* the logits, two rows at a time (their loads in flight together; each row's sum as
