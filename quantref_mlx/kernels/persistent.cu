@@ -369,11 +369,26 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             best[2 * b + 1] = __int_as_float(bi);
         }
         FD_PHASE(nb);
-        if (b == 0 && threadIdx.x == 0) {
-            for (int o = 1; o < nb; ++o)
-                fd_better(best[2 * o], __float_as_int(best[2 * o + 1]), &bv, &bi);
-            next[0] = bi;
-            next[1] = 0;
+        if (b == 0) {  /* the blocks' bests: a thread each, then the warps', then the block's
+                          (the largest value, and of equals the smallest index, in any order) */
+            float v = __int_as_float(0xff800000);
+            int i = 0x7fffffff;
+            for (int o = (int)threadIdx.x; o < nb; o += (int)blockDim.x)
+                fd_better(best[2 * o], __float_as_int(best[2 * o + 1]), &v, &i);
+            for (int o = 16; o > 0; o >>= 1)
+                fd_better(__shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o),
+                          &v, &i);
+            __syncthreads();  /* sm_bv, sm_bi free again */
+            if (lane == 0) {
+                sm_bv[warp] = v;
+                sm_bi[warp] = i;
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                for (int w = 1; w < NW; ++w) fd_better(sm_bv[w], sm_bi[w], &v, &i);
+                next[0] = i;
+                next[1] = 0;
+            }
         }
     }
     return;
