@@ -5,11 +5,12 @@ A chunk of ``T > 1`` tokens (prefill, perplexity windows) attends, in the plain 
 blocks (the compiled codebook function, or the keys dequantized), the mask, a softmax and the
 decoded values, as many MLX operations over a ``[n_heads, T, L]`` score array. On CUDA this
 module replaces all of that with ``turbo_prefill_attend.cu`` (see the comment that opens it):
-one block per (query row, head) walks the row's keys ``t <= p`` in the stored blocks, with the
-score path, value storage and k-window of the cache, an online softmax, and writes the
-attention output ``[T, n_heads * head_dim]``. The chunk's keys are quantized before (by
-``turbo_kv_quantize.cu``, one launch per layer, in :meth:`quantref_mlx.cache.KVCache.append`),
-so a row scores its own chunk's keys compressed, as the oracle does.
+one block per (KV head, tile of rows) decodes each key block once for the tile's rows times the
+heads of that KV head, with the score path, value storage and k-window of the cache, an online
+softmax per query, and writes the attention output ``[T, n_heads * head_dim]``. The chunk's
+keys are quantized before (by ``turbo_kv_quantize.cu``, one launch per layer, in
+:meth:`quantref_mlx.cache.KVCache.append`), so a row scores its own chunk's keys compressed,
+as the oracle does.
 
 Used by :meth:`quantref_mlx.cache.KVCache.prefill_attention` when :func:`available` (CUDA) and
 :func:`why_not` is None; decode steps (``T == 1``) keep their own paths. ``USE`` switches it:
@@ -33,12 +34,40 @@ import numpy as np
 from . import kernels
 from .fused_decode import TurboSpec
 
-__all__ = ["NW", "U", "USE", "attend", "available", "why_not"]
+__all__ = ["NW", "QUERIES", "ROWS", "USE", "attend", "available", "why_not"]
 
 USE: bool | None = None  # None: on CUDA; False: never; True: always (nvrtc_check's recording)
-NW = 4  # warps per (query row, head) block: a row's keys are split among them
-U = 4  # keys a warp loads at once
+NW = 4  # warps per block: the block's queries are split among them
+# Queries a block takes (rows x the heads of one KV head), at most: more queries per decoded key
+# tile, but fewer blocks (a chunk of 512 rows, 3 KV heads: 156 blocks at 32 queries of 3 heads).
+# At most 8 per warp below head_dim 128 (registers: 8 * DPL accumulators each).
+QUERIES = 32
+ROWS: int | None = None  # rows per block, forced (for tuning on the GPU); None: _rows decides
 WARP = 32
+SMEM = 46 * 1024  # static shared memory a block may take (48 KiB, some left for the compiler)
+
+
+def _smem(rows: int, g: int, hd: int, nlev: int, qwin: bool) -> int:
+    """Bytes of static shared memory of a block of ``rows`` rows (the kernel's arrays)."""
+    nq = rows * g
+    qw = -(-nq // NW)
+    return 4 * (nq * hd * (2 if qwin else 1) + (4 if not qwin else 0) + hd * (WARP + 1)
+                + NW * qw * WARP + nlev)
+
+
+def _rows(g: int, hd: int, spec: TurboSpec) -> int:
+    """Rows per block (TQ): ``QUERIES`` queries (fewer per warp at larger heads: each lane keeps
+    ``head_dim / 32`` accumulators a query), within the shared memory."""
+    if ROWS:
+        return ROWS
+    dpl = hd // WARP
+    nq = min(QUERIES, NW * max(1, 16 // dpl))
+    rows = max(1, nq // g)
+    qwin = bool(spec.window) and spec.path != "dequant"
+    nlev = dict(spec.template(hd))["NLEV"]
+    while rows > 1 and _smem(rows, g, hd, nlev, qwin) > SMEM:
+        rows -= 1
+    return rows
 
 
 def available() -> bool:
@@ -118,12 +147,13 @@ def attend(q: mx.array, kbuf: mx.array, vbuf: mx.array, offset: int, spec: Turbo
     pos = mx.array(np.array([offset, nx, 0, 0], np.int32))
     inputs = [q.astype(mx.float32), kbuf, vbuf] \
         + ([kw.astype(mx.float32)] if spec.window else []) + [pos]
+    rows = _rows(nh // nkv, hd, spec)
     template = [("NH", nh), ("NKV", nkv), ("HD", hd), ("DPL", hd // WARP), ("NW", NW),
-                ("U", U)] + spec.template(hd) + [("SWIN", int(sliding_window))]
+                ("TQ", rows)] + spec.template(hd) + [("SWIN", int(sliding_window))]
     outs = _kernel(spec, float(scale), scores)(
         inputs=inputs, template=template,
         output_shapes=[(T, nh * hd)] + ([(nh, T, cap)] if scores else []),
         output_dtypes=[mx.float32] * (2 if scores else 1),
-        grid=(T * nh * NW * WARP, 1, 1), threadgroup=(NW * WARP, 1, 1),
+        grid=(nkv * -(-T // rows) * NW * WARP, 1, 1), threadgroup=(NW * WARP, 1, 1),
         **({"init_value": 0.0} if scores else {}))
     return (outs[0], outs[1]) if scores else outs[0]
