@@ -74,8 +74,9 @@ SHAPES = {
                          vocab=128256, rope_base=500000.0),
 }
 
-MODES = ("numpy", "mlx-op", "mlx-plain", "mlx", "mlx-persistent", "llama.cpp")
-# Decoder options per MLX mode: decode_speed.DECODER's, plus the persistent step
+MODES = ("numpy", "mlx-op", "mlx-plain", "mlx", "mlx-persistent", "mlx-persistent-rows",
+         "llama.cpp")
+# Decoder options per MLX mode: decode_speed.DECODER's (the persistent step's two forms too)
 OPTIONS = {**DECODER, "mlx-persistent": dict(persistent=True)}
 SLOW = ("numpy", "mlx-op")  # a few steps are enough: tens of ms to seconds each
 
@@ -183,11 +184,11 @@ def which_step(model, kv: str, mode: str) -> str:
         return "plain"
     cache = model.make_cache(kv)
     mx.eval(model.forward([1], cache, last_only=True), cache.state())
-    if mode == "mlx-persistent":  # raises here, not after a timed prefill, where it cannot run
+    if mode.startswith("mlx-persistent"):  # raises here, not after a timed prefill, where it cannot run
         from quantref_mlx.generate import Decoder
 
         Decoder(model, cache, lambda logits: mx.argmax(logits, axis=-1), **OPTIONS[mode])
-        return "persistent"
+        return "persistent" + mode[len("mlx-persistent"):]
     why = supported(model, cache)
     return "fused, compiled" if why is None else f"plain ({why})"
 
@@ -250,7 +251,8 @@ def measure_shape(name: str, path: Path, args, bar) -> list[dict]:
             bar.set_postfix_str(f"{name}: {mode}")
             step = "?"
             try:
-                if mode == "mlx-persistent" and "persistent" not in signature(Decoder).parameters:
+                if mode.startswith("mlx-persistent") and \
+                        "persistent" not in signature(Decoder).parameters:
                     raise TypeError("skipped: this quantref's Decoder has no persistent step")
                 step = which_step(model, args.kv, mode)
                 if mode not in SLOW and on_gpu():  # untimed: compile (NVRTC) every kernel the
