@@ -184,7 +184,7 @@ def which_step(model, kv: str, mode: str) -> str:
         return "plain"
     cache = model.make_cache(kv)
     mx.eval(model.forward([1], cache, last_only=True), cache.state())
-    if mode.startswith("mlx-persistent"):  # raises here, not after a timed prefill, where it cannot run
+    if mode.startswith("mlx-persistent"):  # raises here (not after a timed prefill) if it can't
         from quantref_mlx.generate import Decoder
 
         Decoder(model, cache, lambda logits: mx.argmax(logits, axis=-1), **OPTIONS[mode])

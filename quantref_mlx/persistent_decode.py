@@ -19,12 +19,12 @@ into a :class:`DecodeKernelError`, and the step starts over with a fresh scratch
 
 Scope: CUDA; llama-block models whose layer matrices are all 4-bit MLX-quantized (the GGUF's
 Q4_0 / Q4_1; the embedding and output may be 8-bit or float: at 512 threads a block, 8-bit
-layers would need more registers than an SM has); fp32 / fp16 caches
+layers would need more registers than an SM has), head_dim up to 64; fp32 / fp16 caches
 without a k-window, and turbo_kv caches without a k-window (attention: ``fd_turbo_attend``, the
-fused step's ``turbo_attend.cu``) (:func:`supported`). The step reads the layers' weights from three arrays
-that concatenate them (built once: ~the layers' size again in GPU memory) and the cache from
-whole-model buffers ``[n_layers, n_kv_heads, capacity, head_dim]`` (the decoder stacks the
-cache's per-layer buffers once per capacity and hands the cache views of them).
+fused step's ``turbo_attend.cu``) (:func:`supported`). The step reads the layers' weights from
+three arrays that concatenate them (built once: ~the layers' size again in GPU memory) and the
+cache from whole-model buffers ``[n_layers, n_kv_heads, capacity, ...]`` (the decoder stacks
+the cache's per-layer buffers once per capacity; the cache keeps slices of them).
 """
 
 from __future__ import annotations

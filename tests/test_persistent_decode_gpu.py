@@ -81,10 +81,10 @@ def test_logits_are_the_fused_steps_bit_for_bit(model, kv, options, sync, ctx, c
         exact = pers.persistent.warps == fd.ATTEND_WARPS and pers.persistent.form == "fused"
         if exact:  # the same sums in the same order
             np.testing.assert_array_equal(logits, want)
-        else:  # 8 warps a block (see PersistentStep._probe), or the rows form: sums in another
-            # order, ~1e-6 of the largest logit as the fused step against the plain graph; a turbo_kv
-            # key that lands on a codebook boundary may flip an index: 1e-3 bounds that (the
-            # fused step's own decode test, test_fused_decode_gpu.py)
+        else:  # 8 warps a block (PersistentStep._probe), or the rows form: sums in another
+            # order, ~1e-6 of the largest logit as the fused step against the plain graph; a
+            # turbo_kv key that lands on a codebook boundary may flip an index: 1e-3 bounds
+            # that (the fused step's own decode test, test_fused_decode_gpu.py)
             tol = 1e-3 if kv.startswith("turbo") else 4e-6
             assert np.max(np.abs(logits - want)) <= tol * np.max(np.abs(want))
             token = mx.array(np.array([np.argmax(want)], np.uint32))
