@@ -61,16 +61,21 @@ bench)
 session1)  # one lease, two calls back to back (the second within 30 s): checks, then figures
   O=${OUT:-/tmp/out}; mkdir -p "$O"
   bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not model" \
     tests/test_persistent_decode_gpu.py -k "(fp16 and (grid or rows)) or (turbo_kv_4b and \
     (grid or rows)) or turbo_kv_5b or outside or resident" > "$O/t_persistent.log" 2>&1
   tail -3 "$O/t_persistent.log"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+  timeout 130 python3 -m pytest -q -p no:cacheprovider -m "not model" \
     tests/test_turbo_prefill_gpu.py > "$O/t_prefill.log" 2>&1; tail -3 "$O/t_prefill.log"
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fused_decode_gpu.py \
+  timeout 70 python3 bench/decode_speed.py --weights quantized --modes mlx-plain,mlx-plain-c \
+    --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,1024 --steps 32 > "$O/plain.txt" 2>&1
+  tail -14 "$O/plain.txt"
+  timeout 60 python3 bench/decode_phases.py --weights quantized --persistent --kv fp16 \
+    --steps 20 --ctx 128 > "$O/phases128.txt" 2>&1; grep -A6 Inside "$O/phases128.txt"
+  timeout -s INT 40 python3 bench/crossover.py --shapes smollm2-135m --modes numpy --ctx 128 \
+    --cap 1.5 --steps 16 --json "$O/cross_numpy.json" > "$O/cross_numpy.txt" 2>&1
+  timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_fused_decode_gpu.py \
     -k launches > "$O/t_fused.log" 2>&1; tail -2 "$O/t_fused.log"
-  timeout 120 python3 bench/decode_phases.py --weights quantized --persistent --kv fp16 \
-    --steps 30 --ctx 128 > "$O/phases128.txt" 2>&1; grep -A6 Inside "$O/phases128.txt"
   ;;
 session2)
   O=${OUT:-/tmp/out}; mkdir -p "$O"; B=/tmp/llamacpp/llama.cpp/build/bin/llama-bench
@@ -78,16 +83,13 @@ session2)
   xz -dc .device/llamacpp-cuda/smollm2-135m-header.Q4_1.gguf.xz > /tmp/h.gguf
   python3 .device/llamacpp-cuda/random_gguf.py /tmp/h.gguf /tmp/smollm2-random.gguf
   nvidia-smi --query-gpu=name,clocks.max.sm,memory.total,driver_version --format=csv,noheader
-  timeout 330 python3 bench/decode_speed.py --weights quantized \
+  timeout 300 python3 bench/decode_speed.py --weights quantized --steps 48 \
     --modes mlx,mlx-persistent,mlx-persistent-rows --kv fp16,turbo_kv_4b,turbo_kv_5b \
     --contexts 128,1024,4096,8192 --llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf \
     --mlx-lm --json "$O/bench.json" > "$O/bench.txt" 2> "$O/bench.err"; tail -42 "$O/bench.txt"
-  timeout 120 python3 bench/decode_speed.py --weights quantized --modes mlx-plain,mlx-plain-c \
-    --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,1024 > "$O/plain.txt" 2>&1
-  tail -14 "$O/plain.txt"
-  timeout -s INT 200 python3 bench/crossover.py --llama-bench "$B" --dir /tmp/crossover \
+  timeout -s INT 300 python3 bench/crossover.py --llama-bench "$B" --dir /tmp/crossover \
     --modes mlx-op,mlx-plain,mlx,mlx-persistent,mlx-persistent-rows,llama.cpp --ctx 128 \
-    --cap 1.5 --steps 64 --json "$O/cross.json" > "$O/cross.txt" 2> "$O/cross.err"
+    --cap 1.0 --steps 48 --json "$O/cross.json" > "$O/cross.txt" 2> "$O/cross.err"
   tail -20 "$O/cross.txt"
   ;;
 *) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2"
