@@ -179,7 +179,11 @@ class TurboKeyCodec(Codec):
         self._tkv = turbo_kv
 
     def encode(self, x):
-        return (self._tkv.quantize(x, self.kind),)
+        from . import turbo_prefill
+
+        # a prefill chunk on CUDA: a warp per chunk, the same bytes (turbo_prefill.quantize)
+        blocks = turbo_prefill.quantize(x, self.kind)
+        return (self._tkv.quantize(x, self.kind) if blocks is None else blocks,)
 
     def decode(self, stored):
         return self._tkv.dequantize(stored[0], self.kind, self.head_dim)

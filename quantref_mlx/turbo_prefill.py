@@ -8,7 +8,8 @@ module replaces all of that with ``turbo_prefill_attend.cu`` (see the comment th
 one block per (KV head, tile of rows) decodes each key block once for the tile's rows times the
 heads of that KV head, with the score path, value storage and k-window of the cache, an online
 softmax per query, and writes the attention output ``[T, n_heads * head_dim]``. The chunk's
-keys are quantized before (by ``turbo_kv_quantize.cu``, one launch per layer, in
+keys are quantized before (by :func:`quantize`, ``turbo_prefill_quantize.cu``: a warp per
+128-element chunk, the bytes of ``turbo_kv_quantize.cu``; one launch per layer, in
 :meth:`quantref_mlx.cache.KVCache.append`), so a row scores its own chunk's keys compressed,
 as the oracle does.
 
@@ -34,7 +35,8 @@ import numpy as np
 from . import kernels
 from .fused_decode import TurboSpec
 
-__all__ = ["NW", "QUERIES", "ROWS", "USE", "attend", "available", "why_not"]
+__all__ = ["NW", "QUANTIZE", "QUERIES", "ROWS", "USE", "attend", "available", "quantize",
+           "why_not"]
 
 USE: bool | None = None  # None: on CUDA; False: never; True: always (nvrtc_check's recording)
 NW = 4  # warps per block: the block's queries are split among them
@@ -45,6 +47,9 @@ QUERIES = 32
 ROWS: int | None = None  # rows per block, forced (for tuning on the GPU); None: _rows decides
 WARP = 32
 SMEM = 46 * 1024  # static shared memory a block may take (48 KiB, some left for the compiler)
+# A chunk's keys quantized a warp per 128-element chunk (turbo_prefill_quantize.cu) instead of
+# a thread per chunk (turbo_kv_quantize.cu): the same bytes; False: the thread per chunk.
+QUANTIZE = True
 
 
 def _smem(rows: int, g: int, hd: int, nlev: int, qwin: bool) -> int:
@@ -157,3 +162,36 @@ def attend(q: mx.array, kbuf: mx.array, vbuf: mx.array, offset: int, spec: Turbo
         grid=(nkv * -(-T // rows) * NW * WARP, 1, 1), threadgroup=(NW * WARP, 1, 1),
         **({"init_value": 0.0} if scores else {}))
     return (outs[0], outs[1]) if scores else outs[0]
+
+
+@lru_cache(maxsize=None)
+def _quantize_kernel(kind: str):
+    header = TurboSpec(kind, "fp32_codebook", "fp16", 0).header()
+    source = kernels.source("turbo_prefill_quantize.cu")
+    digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"turbo_prefill_quantize_{digest}", input_names=["x"],
+                               output_names=["out"], source=source, header=header)
+
+
+def quantize(x: mx.array, kind: str) -> mx.array | None:
+    """A chunk's keys ``float32 [n_kv_heads, T, head_dim]`` (``T > 1``) -> turbo_kv blocks
+    ``uint8 [n_kv_heads, T, n_chunks, block_bytes]``, the bytes of
+    :func:`quantref_mlx.turbo_kv.quantize`, a warp per chunk (``turbo_prefill_quantize.cu``);
+    None where that function should run instead: not on CUDA (:func:`available`), ``QUANTIZE``
+    off, one row (decode), or a head size the kernel does not cover (``why_not``'s)."""
+    from . import turbo_kv as tk
+
+    if not QUANTIZE or not available() or x.ndim != 3 or x.shape[1] < 2:
+        return None
+    nkv, T, hd = x.shape
+    if not (hd % 128 == 0 or hd & (hd - 1) == 0) or hd % WARP:
+        return None
+    cd = min(hd, tk.BLOCK)
+    nc, bb = hd // cd, tk.block_bytes(kind)
+    rows = nkv * T
+    (out,) = _quantize_kernel(kind)(
+        inputs=[x.astype(mx.float32).reshape(rows, hd)],
+        template=[("D", hd), ("BB", bb), ("KBITS", tk.bits(kind)), ("NLEV", 1 << tk.bits(kind))],
+        output_shapes=[(rows, nc, bb)], output_dtypes=[mx.uint8],
+        grid=(-(-rows * nc // 4) * 4 * WARP, 1, 1), threadgroup=(4 * WARP, 1, 1))
+    return out.reshape(nkv, T, nc, bb)

@@ -8,8 +8,8 @@ prefill`` compiles it without a GPU).
 Checked against the NumPy oracle (``quantref.cache`` / ``quantref.turbo_kv``) on the same data,
 for every kind, score path and value type, with and without a k-window and a sliding window,
 four head sizes (a covering set, not the whole product):
-- the cache's key blocks (this chunk's too, quantized before attention) and value bytes are
-  the oracle's, byte for byte;
+- the cache's key blocks (this chunk's too, quantized before attention, a warp per chunk by
+  ``turbo_prefill.quantize``) and value bytes are the oracle's, byte for byte;
 - every score the kernel computes from the stored blocks is within 1e-5 of its row's largest
   (the golden tolerance of quant.cpp's own vectors: float32 sums in another order), and the
   attention output matches within what those score differences allow;

@@ -4,8 +4,9 @@ chunk of T query rows, every query head (grouped-query: head h reads KV head g =
 What it computes, per query row r (position p = P + r, P = pos[0] the chunk's first position)
 and query head h, exactly the attention of the plain graph (quantref_mlx.model.Model.attention
 over quantref_mlx.cache.KVCache, the oracle's quantref.model.Model.attention): the chunk's keys
-and values are already in the cache, its keys as blocks (turbo_kv_quantize.cu, one launch per
-layer, the oracle's bytes), so a row scores its own chunk's keys compressed, as the oracle does.
+and values are already in the cache, its keys as blocks (turbo_prefill_quantize.cu, one launch
+per layer, the oracle's bytes), so a row scores its own chunk's keys compressed, as the oracle
+does.
 1. Scores of the query against every key t <= p (causal; with SWIN > 0, a sliding-window layer,
    only t > p - SWIN), from the blocks, never dequantized to memory:
    PATH 0 (int8_codebook): norm_c * (R / s_c) * sum_i qr[i] * T[idx_i] per 128-element chunk c,
