@@ -77,7 +77,7 @@ SHAPES = {
 MODES = ("numpy", "mlx-op", "mlx-plain", "mlx", "mlx-persistent", "mlx-persistent-rows",
          "llama.cpp")
 # Decoder options per MLX mode: decode_speed.DECODER's (the persistent step's two forms too)
-OPTIONS = {**DECODER, "mlx-persistent": dict(persistent=True)}
+OPTIONS = {**DECODER, "mlx-persistent": dict(persistent="grid")}  # the fused form
 SLOW = ("numpy", "mlx-op")  # a few steps are enough: tens of ms to seconds each
 
 # ggml block layouts: (bytes per block of 32, llama.cpp file type)

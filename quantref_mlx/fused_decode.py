@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from .cache import KVCache
     from .model import Linear, Model
 
-__all__ = ["FusedStep", "TurboSpec", "position", "supported"]
+__all__ = ["FusedStep", "TurboSpec", "launchable", "position", "supported"]
 
 WARP = 32
 ATTEND_WARPS = 16  # warps per query head in ``attend``: keys are split among them
@@ -230,6 +230,42 @@ def supported(model: "Model", cache: "KVCache") -> str | None:
     if not (on_gpu() and cuda is not None and cuda.is_available()):
         return "not on a CUDA GPU"
     return None
+
+
+_LAUNCHABLE: dict = {}
+
+
+def launchable(model: "Model", cache: "KVCache") -> str | None:
+    """None when the GPU can launch every kernel the fused step would run for ``model`` and a
+    cache like ``cache``; else why not. Measured once per model and cache type, on a throwaway
+    cache (one prefilled token; capacities 256 and 512, the one-pass and the split attention):
+    the CUDA compiler on the machine decides each kernel's registers, and a kernel of 512
+    threads that needs more than 128 a thread cannot launch ("too many resources requested for
+    launch": Llama-3.2-3B's shapes on the H200, docs/benchmarks.md). ``supported`` first."""
+    from .cache import STEP
+
+    turbo = TurboSpec.of(cache)
+    key = (id(model), cache.kind, turbo)
+    if key not in _LAUNCHABLE:
+        opts = dict(v=turbo.v_type, k_window=turbo.window, score_path=turbo.path) if turbo else {}
+        probe = model.make_cache(cache.kind, **opts)
+        mx.eval(model.forward([1], probe, last_only=True), probe.state())
+        why = None
+        for capacity in (STEP, 2 * STEP):
+            probe.reserve(capacity)
+            k, v = probe.take_buffers()
+            window = [probe.take_window()] if probe.k_window else []
+            try:
+                mx.eval(FusedStep(model, turbo)(mx.array([1], mx.uint32), position(1), k, v,
+                                                *window)[0])
+            except RuntimeError as e:
+                if "too many resources" not in str(e):
+                    raise
+                why = f"a fused kernel cannot launch on this GPU ({e})"
+                break
+            probe.give_buffers(k, v, 0)
+        _LAUNCHABLE[key] = why
+    return _LAUNCHABLE[key]
 
 
 class FusedStep:

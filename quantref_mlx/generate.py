@@ -22,7 +22,7 @@ from quantref.generate import (GenerationResponse, Responder, SamplerArgs, Sampl
                                prompt_ids)
 
 from .cache import STEP
-from .fused_decode import FusedStep, TurboSpec, position, supported
+from .fused_decode import FusedStep, TurboSpec, launchable, position, supported
 from .persistent_decode import PersistentStep
 from .persistent_decode import supported as persistent_supported
 
@@ -192,9 +192,10 @@ class Decoder:
     without a k-window), the same
     logits as the fused step bit for bit; with a greedy sampler (:func:`greedy`) the kernel's
     own argmax is the token. Read tokens back through :meth:`check`, which raises if the
-    kernel stopped instead of finishing. ``persistent="grid"`` or ``"flags"`` also chooses how
-    its phases end (:data:`quantref_mlx.persistent_decode.SYNC`), ``"rows"`` how its work is
-    cut (:data:`~quantref_mlx.persistent_decode.FORM`); ``None``: wherever it runs
+    kernel stopped instead of finishing. ``persistent=True`` runs its default form
+    (:data:`~quantref_mlx.persistent_decode.FORM`, rows); ``"grid"`` / ``"flags"`` the fused
+    form (the fused step's kernels as they are, its logits bit for bit), phases ending at grid
+    barriers / on flags; ``"rows"`` the rows form; ``None``: wherever it runs
     (:func:`quantref_mlx.persistent_decode.supported`).
     """
 
@@ -213,8 +214,9 @@ class Decoder:
             if why:
                 raise ValueError(f"no persistent decode step here: {why}")
             self.fused, self.compiled = False, False
-            kind = {"grid": {"sync": "grid"}, "flags": {"sync": "flags"},
-                    "rows": {"form": "rows"}}
+            kind = {"grid": {"form": "fused", "sync": "grid"},
+                    "flags": {"form": "fused", "sync": "flags"},
+                    "rows": {"form": "rows", "sync": "grid"}}
             if isinstance(persistent, str) and persistent not in kind:
                 raise ValueError(f"persistent must be a bool, None, or one of {sorted(kind)}")
             self.persistent = PersistentStep(model, TurboSpec.of(cache), **(
@@ -224,6 +226,8 @@ class Decoder:
             self._next = None  # the last step's (token view, next int32 [4])
             return
         why_not = supported(model, cache)
+        if why_not is None and fused is not False:  # every kernel launches on this GPU
+            why_not = launchable(model, cache)
         if fused and why_not:
             raise ValueError(f"no fused decode step here: {why_not}")
         self.fused = why_not is None if fused is None else bool(fused)

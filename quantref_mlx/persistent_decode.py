@@ -2,15 +2,23 @@
 token, in ``persistent.cu``.
 
 Why: the fused step (:mod:`quantref_mlx.fused_decode`) runs ~95 kernels a token, and MLX's CUDA
-backend spends host time on each (it rebuilds its CUDA graph at every evaluation), so at this
-model size the host bounds decode. Here one block per SM takes, in turn, the blocks of each of
-the fused step's kernels, with a grid-wide barrier between dependent phases (3 a layer, 4 where
-the capacity splits a head's keys, and 2 more for the embedding and the token): one launch, one
-evaluation, per token.
+backend spends host time on each (it rebuilds its CUDA graph at every evaluation). Here one
+block per SM runs the whole token, with a wait of every block between dependent phases: one
+launch, one evaluation, per token. Two ways to cut the work (``form``):
 
-Exactness: the phases call the fused kernels' own functions (``fused_common.cuh``) with the same
-block indices, so every sum runs in the same order: the logits are the fused step's bit for bit,
-and the greedy token is ``argmax``'s (the first index of the largest logit).
+- ``"fused"``: the blocks take, in turn, the blocks of each of the fused step's kernels, calling
+  their own functions (``fused_common.cuh``, ``turbo_attend.cuh``) with the same block indices:
+  every sum in the same order, so the logits are the fused step's bit for bit. 3 phases a
+  layer (4 where the capacity splits a head's keys, and always for turbo_kv).
+- ``"rows"`` (:data:`FORM`, the default: faster at every context measured, 1.2-1.5x the fused
+  form on the H200, docs/benchmarks.md): attention as in the fused form's split, then every
+  projection (Wo, gate|up, down) one output row per warp over the whole grid, each a phase of
+  its own (5 a layer): all SMs work on each matrix, where the fused step splits it by columns
+  among a few blocks and one block sums it. Its sums run in another order: logits within
+  4e-6 of the fused step's largest (fp32 / fp16 caches; turbo_kv: 1e-3, where a key on a
+  codebook boundary may take the neighbouring index), not bit for bit.
+
+The greedy token is ``argmax``'s (the first index of the largest logit), computed in the kernel.
 
 Never a hang: a barrier that waits longer than :data:`WAIT_NS` (a block that never started,
 because something else held an SM) sets an error flag in the step's scratch, every block
@@ -57,7 +65,7 @@ _MAX_BEST = 1024  # blocks at most (the scratch's per-block argmax slots)
 SYNC = "grid"
 # How the work is cut: "fused", the fused step's kernels as they are (its logits bit for bit);
 # "rows", every projection one output row per warp over the whole grid (persistent.cu)
-FORM = "fused"
+FORM = "rows"  # the faster at every context measured (docs/benchmarks.md)
 
 REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
               "launch was resident (another kernel or process holding SMs?)",
@@ -175,9 +183,9 @@ class PersistentStep:
 
     @property
     def max_marks(self) -> int:
-        """Timer marks a token can write: its start, the embedding, 4 barriers a layer, the
-        logits'."""
-        return 4 * self.args.n_layers + 4
+        """Timer marks a token can write: its start, the embedding, up to 5 phases a layer
+        (the rows form's), the logits'."""
+        return 5 * self.args.n_layers + 4
 
     def _fresh_scratch(self) -> mx.array:
         # from NumPy: exists without an evaluation; zero: the counters and the error flag

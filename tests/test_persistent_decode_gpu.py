@@ -143,7 +143,7 @@ def test_default_model_greedy_tokens_are_the_fused_steps(default_model_path):
     model = quantref_mlx.load(default_model_path)
     prompt = model.tokenizer.encode("The capital of France is")
     out = {}
-    for name, opts in (("fused", {}), ("persistent", dict(persistent=True))):
+    for name, opts in (("fused", {}), ("persistent", dict(persistent="grid"))):  # fused form
         cache, y = prefilled_ids(model, prompt)
         dec = Decoder(model, cache, greedy, **opts)
         tokens = []

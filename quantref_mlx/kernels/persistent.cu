@@ -38,7 +38,7 @@ FD_ROWS 1: the rows form (see below): every projection one output row per warp o
 FD_FLAGS 1: phases end with fd_phase_end (persistent.cuh) instead of a grid barrier.
 FD_TIMES 1 (bench/decode_phases.py only): block 0 also writes the global timer at its start and
          as it leaves each barrier into the scratch after the argmax slots (uint64, ns), and
-         every block its own start after those 4 NL + 4 marks.
+         every block its own start after those 5 NL + 4 marks.
 Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (the four matrices'
          bits, 4 or 8), EBITS, OBITS (embedding, output: 0 float, 4 or 8); FD_TURBO 1 also
          KBITS, BB, NC, NLEV, PATH, VT, VB, W (TurboSpec.template; W 0: no k-window). */
@@ -117,7 +117,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     if (FD_TIMES && threadIdx.x == 0) {  /* block 0's start; every block's, after the marks */
         const unsigned long long now = fd_now();
         if (b == 0) times[0] = now;
-        times[4 * NL + 4 + b] = now;  /* after the 4 NL + 4 marks (PersistentStep.max_marks) */
+        times[5 * NL + 4 + b] = now;  /* after the 5 NL + 4 marks (PersistentStep.max_marks) */
     }
     /* the generation every block starts from: read before the first barrier, which no block
        passes before all have read it, and nothing advances it before that */
