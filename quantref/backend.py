@@ -41,11 +41,16 @@ DEVICES = ("cuda", "metal", "cpu", "none")
 # in a larger model favours MLX there.
 CPU_MLX_MIN_PARAMS: int | None = None
 
-# CUDA GPU. PLACEHOLDER until the H200 crossover table: MLX at every size, as before this rule.
+# CUDA GPU: MLX at every size. On the H200 lease of 2026-11-29 (docs/benchmarks.md "Where the
+# GPU wins"), at the smallest shape, SmolLM2-135M, NumPy on the host's 16 cores decoded 34
+# tokens/s and MLX's fused step 880 (the persistent step 1,308): the GPU wins from the smallest
+# model up, and its lead grows with the bytes a token reads.
 CUDA_MLX_MIN_PARAMS: int | None = 0
-# PLACEHOLDER until the H200 table measures the persistent step: None = never persistent, the
-# fused step at every size.
-CUDA_PERSISTENT_MAX_PARAMS: int | None = None
+# The persistent step (its rows form) up to the largest shape measured where it runs: it beat
+# the fused step at 135M (1.49x), 362M (1.36x) and 1,236M (1.69x) parameters, at context 128 in
+# the same run. Llama-3.2-3B (head_dim 128) is outside its scope; above this, the fused step
+# (where its kernels launch, else the plain graph: quantref_mlx.fused_decode.launchable).
+CUDA_PERSISTENT_MAX_PARAMS: int | None = 1_300_000_000
 
 # Apple GPU: not measured here; MLX at every size, as before this rule.
 METAL_MLX_MIN_PARAMS: int | None = 0
