@@ -10,7 +10,7 @@ launch, one evaluation, per token. Two ways to cut the work (``form``):
   their own functions (``fused_common.cuh``, ``turbo_attend.cuh``) with the same block indices:
   every sum in the same order, so the logits are the fused step's bit for bit. 3 phases a
   layer (4 where the capacity splits a head's keys, and always for turbo_kv).
-- ``"rows"`` (:data:`FORM`, the default: faster at every context measured, 1.2-1.5x the fused
+- ``"rows"`` (:data:`FORM`, the default: faster at every context measured, 1.2-1.3x the fused
   form on the H200, docs/benchmarks.md): attention as in the fused form's split, then every
   projection (Wo, gate|up, down) one output row per warp over the whole grid, each a phase of
   its own (5 a layer): all SMs work on each matrix, where the fused step splits it by columns
