@@ -311,14 +311,15 @@ class Decoder:
         if self._pos is None or self._pos[1] != cache.length:
             self._pos = (position(cache.length), cache.length)
             self._one = position(1)
-        if self._next is not None and token is self._next[0]:
-            token = self._next[1]  # the kernel's own int32 [4]
+        greedy_here = getattr(self.sampler, "greedy", False)
+        if greedy_here and self._next is not None and token is self._next[0]:
+            token = self._next[1]  # the kernel's own int32 [4], whose [0] is this token
         else:
             token = mx.concatenate([token.reshape(-1).astype(mx.int32), mx.zeros((3,), mx.int32)])
         nxt, logits = step(token, self._pos[0], *self._whole)
         self._pos = (self._pos[0] + self._one, cache.length + 1)
         cache.give_buffers(*cache.take_buffers(), 1)
-        if getattr(self.sampler, "greedy", False):
+        if greedy_here:
             y = nxt[:1]
         else:  # the sampler's token, or -1 where the kernel failed (its logits are garbage)
             y = mx.where(nxt[1:2] == 0, self.sampler(logits.reshape(1, -1)).reshape(-1)
