@@ -160,3 +160,23 @@ def prefilled_ids(model, ids):
     y = greedy(logits)
     mx.eval(y, cache.state())
     return cache, y
+
+
+def test_sampled_tokens_are_the_fused_steps(model):
+    """A sampler other than greedy reads the persistent step's logits and feeds its own token to
+    the next launch: with the fused form's logits (the fused step's bit for bit) and the same
+    seed, the same tokens."""
+    from quantref.generate import SamplerArgs, SamplerRNG
+    from quantref_mlx.generate import make_sampler
+
+    args = SamplerArgs(temp=0.8, top_k=40, top_p=0.95)
+    out = {}
+    for name, opts in (("fused", dict(fused=True)), ("persistent", dict(persistent="grid"))):
+        cache, y = prefilled(model, "fp16", 30)
+        dec = Decoder(model, cache, make_sampler(args, SamplerRNG(7)), **opts)
+        tokens = []
+        for _ in range(16):
+            y = dec(y)
+            tokens.append(dec.check(int(y.item())))
+        out[name] = tokens
+    assert out["persistent"] == out["fused"]
