@@ -123,9 +123,11 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
 def trivial_chain(n: int, reps: int = 20) -> tuple[float, float]:
     """(end-to-end, host-only) microseconds per kernel of a chain of ``n`` trivial custom
     kernels (a copy of 576 floats, each reading the last one's output)."""
+    from quantref_mlx import kernels
+
     copy = mx.fast.cuda_kernel(
         name="phases_trivial", input_names=["x"], output_names=["out"],
-        source="const int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) out[i] = x[i];")
+        source=kernels.source("copy.cu"))
     x = mx.random.normal((576,))
     mx.eval(x)
 

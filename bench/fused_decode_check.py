@@ -78,6 +78,7 @@ def dequantized_oracle(np_model, m):
 
 def kernel_costs(m, n: int, layout: str) -> None:
     """What each kind of operation of a fused step costs, evaluated n at a time."""
+    from quantref_mlx import kernels
     from quantref_mlx.fused_decode import FusedStep, position
 
     a, lw, w = m.args, m.weights.layers[0], m.weights
@@ -87,7 +88,7 @@ def kernel_costs(m, n: int, layout: str) -> None:
     c = mx.random.normal((a.dim,))
     trivial = mx.fast.cuda_kernel(
         name="fused_check_trivial", input_names=["x"], output_names=["out"],
-        source="const int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) out[i] = x[i];")
+        source=kernels.source("copy.cu"))
     token = mx.array([7, 7], mx.uint32)[:1]
     rows = [  # each maps [dim] -> [dim] (the wider outputs cut to dim: a view, no kernel)
         ("element-wise add, 576 floats", lambda y: y + c),
