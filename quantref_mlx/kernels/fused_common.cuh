@@ -292,28 +292,34 @@ __device__ void fd_attend(int vb, int nvb, const float* q, const KT* kv, const K
     }
 }
 
+/* Element d of head h's attention output from its S splits' partial softmaxes (splits [NH * S,
+   HD + 2]: each split's unnormalized o, maximum m and total l): sum_s o_s e^(m_s - M) / sum_s
+   l_s e^(m_s - M), M the largest m_s; a split that had no key (m_s = -inf) is skipped. */
+template <int HD>
+__device__ __forceinline__ float fd_merge_splits(const float* splits, int h, int S, int d) {
+    const float NEG_INF = __int_as_float(0xff800000);
+    const float* p = splits + (size_t)h * S * (HD + 2);
+    float M = NEG_INF;
+    for (int s = 0; s < S; ++s) M = fmaxf(M, p[s * (HD + 2) + HD]);
+    float total = 0.0f;
+    float o = 0.0f;
+    for (int s = 0; s < S; ++s) {
+        const float m = p[s * (HD + 2) + HD];
+        if (m == NEG_INF) continue;  /* a split that had no key */
+        const float e = expf(m - M);
+        total += p[s * (HD + 2) + HD + 1] * e;
+        o += p[s * (HD + 2) + d] * e;
+    }
+    return o / total;
+}
+
 /* attend_merge_project.cu, for head h of S splits. */
 template <int NH, int HD, int DIM, int BITS, typename WT>
 __device__ void fd_merge_project(int h, int S, const float* splits, const WT* w, const float* sc,
                                  const float* bi, const float* r, const float* part, float* out) {
     const int d = (int)threadIdx.x;
-    const float NEG_INF = __int_as_float(0xff800000);
     __shared__ float sm_o[HD];
-    if (d < HD) {
-        const float* p = splits + (size_t)h * S * (HD + 2);
-        float M = NEG_INF;
-        for (int s = 0; s < S; ++s) M = fmaxf(M, p[s * (HD + 2) + HD]);
-        float total = 0.0f;
-        float o = 0.0f;
-        for (int s = 0; s < S; ++s) {
-            const float m = p[s * (HD + 2) + HD];
-            if (m == NEG_INF) continue;  /* a split that had no key */
-            const float e = expf(m - M);
-            total += p[s * (HD + 2) + HD + 1] * e;
-            o += p[s * (HD + 2) + d] * e;
-        }
-        sm_o[d] = o / total;
-    }
+    if (d < HD) sm_o[d] = fd_merge_splits<HD>(splits, h, S, d);
     __syncthreads();
     fd_project<DIM, NH * HD, HD, NH, BITS>(w, sc, bi, h * HD, sm_o, h, part, r, out);
 }

@@ -210,20 +210,9 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
                 __syncthreads();
             }
         }
-        {   /* the blocks attention left idle: this layer's W gate|up and W down toward L2
-               (the merge's blocks are the first NH: the same idle ones) */
-            const int first = min(nb, NH * S);
-            if (b >= first) {
-                const int part = (b - first) * (int)blockDim.x + (int)threadIdx.x;
-                const int parts = (nb - first) * (int)blockDim.x;
-                fd_prefetch(wgu, (size_t)2 * H * DIM * BGU / 8, part, parts);
-                fd_prefetch(scales + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
-                fd_prefetch(biases + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
-                fd_prefetch(wdn, (size_t)DIM * H * BDN / 8, part, parts);
-                fd_prefetch(scales + off[7], (size_t)DIM * H / 32 * 4, part, parts);
-                fd_prefetch(biases + off[7], (size_t)DIM * H / 32 * 4, part, parts);
-            }
-        }
+        /* the blocks attention left idle (the merge's are the first NH: the same idle ones) */
+        fd_prefetch_ffn<DIM, H, BGU, BDN>(min(nb, NH * S), wgu, scales + off[5], biases + off[5],
+                                          wdn, scales + off[7], biases + off[7]);
         FD_PHASE(NH);
 
         for (int vb = b; vb < FB; vb += nb) {
@@ -272,36 +261,14 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 #endif
             __syncthreads();
         }
-        if (b >= NH * S) {  /* the idle blocks: this layer's Wo, W gate|up, W down toward L2 */
-            const int part = (b - NH * S) * (int)blockDim.x + (int)threadIdx.x;
-            const int parts = (nb - NH * S) * (int)blockDim.x;
-            fd_prefetch(wgu, (size_t)2 * H * DIM * BGU / 8, part, parts);
-            fd_prefetch(scales + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
-            fd_prefetch(biases + off[5], (size_t)2 * H * DIM / 32 * 4, part, parts);
-            fd_prefetch(wdn, (size_t)DIM * H * BDN / 8, part, parts);
-            fd_prefetch(scales + off[7], (size_t)DIM * H / 32 * 4, part, parts);
-            fd_prefetch(biases + off[7], (size_t)DIM * H / 32 * 4, part, parts);
-        }
+        /* the idle blocks: this layer's W gate|up and W down toward L2 */
+        fd_prefetch_ffn<DIM, H, BGU, BDN>(min(nb, NH * S), wgu, scales + off[5], biases + off[5],
+                                          wdn, scales + off[7], biases + off[7]);
         FD_PHASE(NH * S);
         {   /* Wo: each block merges the heads' splits into shared memory, then rows */
             __shared__ __align__(16) float sm_att[Q_ROWS];
-            const float NEG_INF = __int_as_float(0xff800000);
-            for (int i = (int)threadIdx.x; i < Q_ROWS; i += (int)blockDim.x) {
-                const int h = i / HD, d = i % HD;
-                const float* p = splits + (size_t)h * S * (HD + 2);
-                float M = NEG_INF;
-                for (int sp_ = 0; sp_ < S; ++sp_) M = fmaxf(M, p[sp_ * (HD + 2) + HD]);
-                float total = 0.0f;
-                float o = 0.0f;
-                for (int sp_ = 0; sp_ < S; ++sp_) {
-                    const float m = p[sp_ * (HD + 2) + HD];
-                    if (m == NEG_INF) continue;  /* a split that had no key */
-                    const float e = expf(m - M);
-                    total += p[sp_ * (HD + 2) + HD + 1] * e;
-                    o += p[sp_ * (HD + 2) + d] * e;
-                }
-                sm_att[i] = o / total;
-            }
+            for (int i = (int)threadIdx.x; i < Q_ROWS; i += (int)blockDim.x)
+                sm_att[i] = fd_merge_splits<HD>(splits, i / HD, S, i % HD);
             __syncthreads();
             for (int row = gw; row < DIM; row += nwarps) {
                 float y[2];

@@ -30,6 +30,21 @@ __device__ __forceinline__ void fd_better(float v, int i, float* bv, int* bi) {
         *bi = i;
     }
 }
+/* Spin while ``pending()``, at most FD_WAIT_NS: 1 when it stopped pending, 0 when the wait gave
+   up (this one timed out and set the error flag bar[1], or saw another waiter's flag). One
+   thread of a block calls it. */
+template <typename Pending>
+__device__ __forceinline__ int fd_bounded_wait(unsigned* bar, Pending pending) {
+    const unsigned long long t0 = fd_now();
+    while (pending()) {
+        if (fd_volatile(bar + 1) != 0u) return 0;
+        if (fd_now() - t0 > FD_WAIT_NS) {
+            atomicExch(bar + 1, 1u);
+            return 0;
+        }
+    }
+    return 1;
+}
 /* Every block of the grid waits here until all have arrived; called by every thread. The
    counter bar[0] is cooperative groups' grid barrier: block 0 adds 0x80000000 - (blocks - 1),
    the others 1, so its top bit flips when the last block arrives and the low bits come back to
@@ -44,19 +59,9 @@ __device__ __forceinline__ bool fd_grid_sync(unsigned* bar) {
         const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
         __threadfence();
         const unsigned old = atomicAdd(bar, add);
-        int ok = 1;
-        const unsigned long long t0 = fd_now();
-        while (((old ^ fd_volatile(bar)) & 0x80000000u) == 0u) {
-            if (fd_volatile(bar + 1) != 0u) {
-                ok = 0;
-                break;
-            }
-            if (fd_now() - t0 > FD_WAIT_NS) {
-                atomicExch(bar + 1, 1u);
-                ok = 0;
-                break;
-            }
-        }
+        const int ok = fd_bounded_wait(bar, [&] {
+            return ((old ^ fd_volatile(bar)) & 0x80000000u) == 0u;  /* not flipped yet */
+        });
         __threadfence();
         fd_ok = ok;
     }
@@ -84,18 +89,7 @@ __device__ __forceinline__ bool fd_phase_end(unsigned* bar, bool participant, un
                 atomicAdd(bar + 32, 1u);
             }
         }
-        const unsigned long long t0 = fd_now();
-        while ((int)(fd_volatile(bar + 32) - target) < 0) {
-            if (fd_volatile(bar + 1) != 0u) {
-                ok = 0;
-                break;
-            }
-            if (fd_now() - t0 > FD_WAIT_NS) {
-                atomicExch(bar + 1, 1u);
-                ok = 0;
-                break;
-            }
-        }
+        ok = fd_bounded_wait(bar, [&] { return (int)(fd_volatile(bar + 32) - target) < 0; });
         __threadfence();
         fd_ok2 = ok;
     }
@@ -110,4 +104,22 @@ __device__ __forceinline__ void fd_prefetch(const void* p, size_t bytes, int par
     const char* c = static_cast<const char*>(p);
     for (size_t at = (size_t)part * 128; at < bytes; at += (size_t)parts * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(c + at));
+}
+
+/* This layer's W gate|up [2H, DIM] and W down [DIM, H] (codes, scales, biases) toward L2, by the
+   blocks ``first`` .. gridDim.x - 1 (the ones a phase left idle). */
+template <int DIM, int H, int BGU, int BDN>
+__device__ __forceinline__ void fd_prefetch_ffn(int first, const uint32_t* wgu, const float* sgu,
+                                                const float* bgu, const uint32_t* wdn,
+                                                const float* sdn, const float* bdn) {
+    const int b = (int)blockIdx.x;
+    if (b < first) return;
+    const int part = (b - first) * (int)blockDim.x + (int)threadIdx.x;
+    const int parts = ((int)gridDim.x - first) * (int)blockDim.x;
+    fd_prefetch(wgu, (size_t)2 * H * DIM * BGU / 8, part, parts);
+    fd_prefetch(sgu, (size_t)2 * H * DIM / 32 * 4, part, parts);
+    fd_prefetch(bgu, (size_t)2 * H * DIM / 32 * 4, part, parts);
+    fd_prefetch(wdn, (size_t)DIM * H * BDN / 8, part, parts);
+    fd_prefetch(sdn, (size_t)DIM * H / 32 * 4, part, parts);
+    fd_prefetch(bdn, (size_t)DIM * H / 32 * 4, part, parts);
 }
