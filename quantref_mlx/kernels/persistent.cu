@@ -144,6 +144,24 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         const KT* vcl = vc + layer * ((size_t)NKV * cap * HD);
 #endif
 
+        /* Attention in its split form (both forms take it: the rows form always, the fused
+           form for turbo_kv or past one split a head): the S splits' partial softmaxes of every
+           head into the scratch's splits, block vb of NH * S taken by block vb % gridDim.x. */
+        auto attend_splits = [&] {
+            for (int vb = b; vb < NH * S; vb += nb) {
+#if FD_TURBO
+                fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB>(
+                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, splits);
+#else
+                fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
+                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
+                    (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
+                    (const float*)nullptr, splits);
+#endif
+                __syncthreads();  /* the block's shared memory, free for its next index */
+            }
+        };
+
         for (int unit = gw; unit < UNITS; unit += nwarps)
             fd_qkv_rope_unit<DIM, BQKV, HD, Q_ROWS, Q_ROWS + KV_ROWS / 2>(
                 unit, lane, xa, nw_attn, wqkv, scales + off[1], biases + off[1], pos, inv_freq,
@@ -191,18 +209,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         } else
 #endif
         {
-            for (int vb = b; vb < NH * S; vb += nb) {
-#if FD_TURBO
-                fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB>(
-                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, splits);
-#else
-                fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
-                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
-                    (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
-                    (const float*)nullptr, splits);
-#endif
-                __syncthreads();
-            }
+            attend_splits();
             FD_PHASE(NH * S);
             for (int h = b; h < NH; h += nb) {
                 fd_merge_project<NH, HD, DIM, BO>(h, S, splits, wo, scales + off[3],
@@ -249,18 +256,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
            another order than the fused step's: logits within rounding of its, not bit for
            bit. The gate|up outputs live in the splits' scratch, free by then. */
         static_assert(H <= NH * FD_MAX_SPLITS * (HD + 2), "h lives in the splits' scratch");
-        for (int vb = b; vb < NH * S; vb += nb) {
-#if FD_TURBO
-            fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB>(
-                vb, NH * S, qv, kvt, kcl, vcl, cap, pos, splits);
-#else
-            fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
-                vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
-                (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
-                (const float*)nullptr, splits);
-#endif
-            __syncthreads();
-        }
+        attend_splits();
         /* the idle blocks: this layer's W gate|up and W down toward L2 */
         fd_prefetch_ffn<DIM, H, BGU, BDN>(min(nb, NH * S), wgu, scales + off[5], biases + off[5],
                                           wdn, scales + off[7], biases + off[7]);
