@@ -3,6 +3,8 @@
 per kernel, on a chain of trivial custom kernels (CUDA only).
 
     python bench/decode_phases.py [--weights quantized] [--steps 100] [--ctx 128] [--persistent]
+    python bench/decode_phases.py --persistent --no-host --forms rows --chained-only \
+        --ctx 128,4096 --kv fp16 --row-keys 0,32,64 --row-unroll 4,8  # rows form's splits
 
 ``--persistent`` adds the persistent step (``quantref_mlx.persistent_decode``): the same split of
 host and device time, then inside its one launch the time of each kind of phase (block 0 reads
@@ -61,11 +63,14 @@ def phases(model, kv: str, ctx: int, steps: int, **decoder_options) -> dict:
                 tokens_s=steps / total)
 
 
-def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -> dict:
+def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
+                     rows: dict | None = None, marks: bool = True) -> dict:
     """Inside the persistent kernel (``FD_TIMES``): microseconds per token of each kind of
     phase, from the global timer block 0 reads as it leaves each barrier, averaged over
     ``steps`` tokens; and the GPU time per token of ``steps`` tokens chained on the device
-    (each step's token feeds the next; one evaluation at the end: no host in between)."""
+    (each step's token feeds the next; one evaluation at the end: no host in between).
+    ``rows``: the rows form's options (``PersistentStep``'s ``row_keys``, ``row_unroll``);
+    ``marks=False``: the chained time only (one kernel compiled, not two)."""
     import numpy as np
 
     from quantref.generate import SamplerArgs
@@ -78,13 +83,16 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
     logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
     mx.eval(logits, cache.state())
     cache.reserve(max(256, 1 << (ctx + 2 * steps + 8).bit_length()))
-    form = dict(sync="grid", form="rows") if sync == "rows" else dict(sync=sync)
-    dec = Decoder(model, cache, sampler, persistent=sync)
+    # sync: "grid", "release", "flags" (the fused form's), "rows" or "rows:release"
+    how, _, barrier = sync.partition(":")
+    form = (dict(sync=barrier or "grid", form="rows", **(rows or {})) if how == "rows"
+            else dict(sync=how))
+    dec = Decoder(model, cache, sampler, persistent=how if how != "release" else "grid")
     dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), times=True, **form)
     y = sampler(logits)
     a = model.args
     splits = max(1, min(fd.ATTEND_MAX_SPLITS, cache.capacity // fd.ATTEND_SPLIT_KEYS))
-    if sync == "rows":
+    if how == "rows":
         per_layer = ["qkv", "attention", "wo", "gate_up", "down"]
     else:
         per_layer = ["qkv", "attention"] + (["merge"] if splits > 1 or dec.persistent.turbo
@@ -94,7 +102,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
     names = ["embedding"] + per_layer * a.n_layers + ["logits"]
     sums = dict.fromkeys(["embedding", *per_layer, "logits"], 0.0)
     skew = 0.0
-    for i in range(steps + 2):
+    for i in range(steps + 2 if marks else 0):
         y = dec(y)
         dec.check(y.item())
         if i < 2:
@@ -103,11 +111,9 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
         skew += float(dec.persistent.starts().max()) / 1e3
         for name, d in zip(names, np.diff(np.concatenate([[0.0], t]))):
             sums[name] += d
-    out = {k: v / steps for k, v in sums.items()}
-    out["skew"] = skew / steps  # us from block 0's start to the last block's
+    out = {k: v / steps for k, v in sums.items()} if marks else {}
+    out["skew"] = skew / steps if marks else float("nan")  # us, block 0's start to the last's
     out["barriers"] = len(names)
-    out["warps"] = dec.persistent.warps
-    out["blocks"] = dec.persistent.blocks
     # the device alone: steps chained, one evaluation
     dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), **form)
     y = dec(y)
@@ -117,6 +123,9 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid") -
         y = dec(y)
     mx.eval(y)
     out["chained"] = (time.perf_counter() - start) / steps * 1e6
+    out["warps"] = dec.persistent.warps
+    out["blocks"] = dec.persistent.blocks
+    out["rows"] = f"{dec.persistent.row_keys} / {dec.persistent.row_unroll}"
     return out
 
 
@@ -156,9 +165,20 @@ def trivial_chain(n: int, reps: int = 20) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default="quantized", help="quantized|float")
-    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--ctx", default="128", help="contexts, comma-separated")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--kv", default="fp16,fp32")
+    ap.add_argument("--forms", default="grid,flags,rows",
+                    help="the persistent step's forms: grid, release, flags (the fused form's "
+                         "three syncs), rows, rows:release")
+    ap.add_argument("--row-keys", default=None,
+                    help="the rows form's positions a split, comma-separated (default: its own)")
+    ap.add_argument("--row-unroll", default=None,
+                    help="the rows form's keys a warp loads at once, comma-separated")
+    ap.add_argument("--chained-only", action="store_true",
+                    help="the persistent step's chained time only (no timer marks)")
+    ap.add_argument("--no-host", action="store_true",
+                    help="skip the host-and-device tables (the persistent step's inside only)")
     ap.add_argument("--persistent", action="store_true",
                     help="also the persistent step: host and device time, and its phases (CUDA)")
     args = ap.parse_args()
@@ -167,39 +187,51 @@ def main() -> None:
     from quantref_mlx.model import from_oracle
 
     model = from_oracle(random_model(seed=0), weights=args.weights, bits=4, embed_bits=8)
+    contexts = [int(c) for c in args.ctx.split(",")]
+    kvs = args.kv.split(",")
     print(f"machine: {machine()}")
-    print(f"weights {args.weights}, context {args.ctx}, {args.steps} steps")
-    print("| KV | build us | async_eval us | wait us | total us | tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for kv in args.kv.split(","):
-        p = phases(model, kv, args.ctx, args.steps)
-        print(f"| {kv} | {p['build']:.1f} | {p['encode']:.1f} | {p['wait']:.1f} | "
-              f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
-    if args.persistent:
-        print("\nThe persistent step (one launch a token), as generation runs it:")
+    print(f"weights {args.weights}, contexts {args.ctx}, {args.steps} steps")
+    for ctx in contexts if not args.no_host else []:
+        print(f"\nContext {ctx}, the fused step:")
         print("| KV | build us | async_eval us | wait us | total us | tokens/s |")
         print("|---|---|---|---|---|---|")
-        for kv in args.kv.split(","):
-            p = phases(model, kv, args.ctx, args.steps, persistent=True)
+        for kv in kvs:
+            p = phases(model, kv, ctx, args.steps)
             print(f"| {kv} | {p['build']:.1f} | {p['encode']:.1f} | {p['wait']:.1f} | "
                   f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
+        if args.persistent:
+            print("\nThe persistent step (one launch a token), as generation runs it:")
+            print("| KV | build us | async_eval us | wait us | total us | tokens/s |")
+            print("|---|---|---|---|---|---|")
+            for kv in kvs:
+                p = phases(model, kv, ctx, args.steps, persistent=True)
+                print(f"| {kv} | {p['build']:.1f} | {p['encode']:.1f} | {p['wait']:.1f} | "
+                      f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
+    if args.persistent:
         print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
               "and the device's time per token with steps chained (no host in between):")
-        print("| KV | form | blocks x warps | phases | last block starts | embedding | qkv | "
-              "attention | merge (or Wo) | ffn (gate,up + down) | logits | sum | "
-              "chained us/token |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for kv, sync in [(kv, s) for kv in args.kv.split(",") for s in ("grid", "flags", "rows")]:
-            m = persistent_marks(model, kv, args.ctx, args.steps, sync)
+        print("| ctx | KV | form | row keys / unroll | blocks x warps | phases | last block starts | "
+              "embedding | qkv | attention | merge (or Wo) | ffn (gate,up + down) | logits | "
+              "sum | chained us/token |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        keys = [None] if args.row_keys is None else [int(k) for k in args.row_keys.split(",")]
+        unrolls = [None] if args.row_unroll is None else [
+            int(u) for u in args.row_unroll.split(",")]
+        rows = [{k: v for k, v in (("row_keys", key), ("row_unroll", u)) if v is not None}
+                for key in keys for u in unrolls]
+        runs = [(c, kv, f, r) for c in contexts for kv in kvs for f in args.forms.split(",")
+                for r in (rows if f.startswith("rows") else [None])]
+        for ctx, kv, sync, k in runs:
+            m = persistent_marks(model, kv, ctx, args.steps, sync, k, not args.chained_only)
             parts = [m.get("embedding", 0.0), m.get("qkv", 0.0), m.get("attention", 0.0),
                      m.get("merge", 0.0) + m.get("wo", 0.0),
                      m.get("ffn", 0.0) + m.get("gate_up", 0.0) + m.get("down", 0.0),
                      m.get("logits", 0.0)]
-            print(f"| {kv} | {sync} | {m['blocks']} x {m['warps']} | {m['barriers']} | "
-                  f"{m['skew']:.1f} | "
+            print(f"| {ctx} | {kv} | {sync} | {m['rows'] if sync.startswith('rows') else '-'} | "
+                  f"{m['blocks']} x {m['warps']} | {m['barriers']} | {m['skew']:.1f} | "
                   + " | ".join(f"{x:.1f}" for x in parts)
                   + f" | {sum(parts):.1f} | {m['chained']:.1f} |", flush=True)
-    if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+    if not args.no_host and getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
         print("\n| chain of trivial custom kernels | us per kernel | of which host |")
         print("|---|---|---|")
         for n in (50, 150, 300):

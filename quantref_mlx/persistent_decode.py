@@ -60,12 +60,19 @@ WARPS = 16  # warps per block: the fused attention's (fd_attend's order of sums)
 WAIT_NS = 1_000_000_000  # the longest a barrier waits (a token takes well under 1 ms)
 _MAX_BEST = 1024  # blocks at most (the scratch's per-block argmax slots)
 # How a phase ends: "grid", a grid barrier (every block counts itself on one word and polls it:
-# cooperative groups' scheme); "flags", only the blocks that did the phase's work count
+# cooperative groups' scheme: a fence, an atomic add, volatile loads, a fence); "release", the
+# same barrier with a release reduction and acquire loads (CUTLASS's GenericBarrier: no fence
+# and no returned value to wait for); "flags", only the blocks that did the phase's work count
 # themselves and the last advances a generation that everyone polls (persistent.cuh)
 SYNC = "grid"
 # How the work is cut: "fused", the fused step's kernels as they are (its logits bit for bit);
 # "rows", every projection one output row per warp over the whole grid (persistent.cu)
 FORM = "rows"  # the faster at every context measured (docs/benchmarks.md)
+# The rows form's attention: one split a head per ROW_KEYS positions of context, up to as many as
+# give every (head, split) a block of its own (fd_row_splits, persistent.cuh); 0: as the fused
+# step, one split per fused_decode.ATTEND_SPLIT_KEYS of capacity, whatever the grid
+ROW_KEYS = 64
+ROW_UNROLL = 4  # the rows form's attention: keys a warp loads at once (the fused form: U)
 
 REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
               "launch was resident (another kernel or process holding SMs?)",
@@ -135,9 +142,10 @@ class PersistentStep:
 
     def __init__(self, model: "Model", turbo: "fd.TurboSpec | None" = None,
                  blocks: int | None = None, warps: int = WARPS, times: bool = False,
-                 sync: str = SYNC, form: str = FORM):
-        if sync not in ("grid", "flags"):
-            raise ValueError(f"sync must be 'grid' or 'flags', not {sync!r}")
+                 sync: str = SYNC, form: str = FORM, row_keys: int | None = None,
+                 row_unroll: int | None = None):
+        if sync not in ("grid", "release", "flags"):
+            raise ValueError(f"sync must be 'grid', 'release' or 'flags', not {sync!r}")
         if form not in ("fused", "rows"):
             raise ValueError(f"form must be 'fused' or 'rows', not {form!r}")
         a, w = model.args, model.weights
@@ -145,7 +153,13 @@ class PersistentStep:
         self.blocks = min(blocks or sm_count() or 0, _MAX_BEST)
         if self.blocks < 1:
             raise ValueError("no CUDA device to size the persistent step's grid")
+        row_keys = ROW_KEYS if row_keys is None else row_keys
+        row_unroll = ROW_UNROLL if row_unroll is None else row_unroll
+        if row_keys < 0 or row_unroll < 1:
+            raise ValueError(f"row_keys must be 0 or more and row_unroll 1 or more, not "
+                             f"{row_keys}, {row_unroll}")
         self.warps, self.times, self.sync, self.form = warps, times, sync, form
+        self.row_keys, self.row_unroll = row_keys, row_unroll
         self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
@@ -188,8 +202,13 @@ class PersistentStep:
         return 5 * self.args.n_layers + 4
 
     def _fresh_scratch(self) -> mx.array:
-        # from NumPy: exists without an evaluation; zero: the counters and the error flag
-        return mx.array(np.zeros(self._offsets()[1], np.float32))
+        # zero: the counters and the error flag. Made on the device (an MLX fill), not from
+        # NumPy: MLX keeps arrays made from host data in managed memory, whose pages migrate
+        # to the host when it reads them (the timer marks) and fault back on the kernel's next
+        # touch, tens of microseconds each
+        scratch = mx.zeros((self._offsets()[1],), mx.float32)
+        mx.eval(scratch)
+        return scratch
 
     def marks(self) -> np.ndarray:
         """With ``times=True``, after an evaluated step: ns since the step's start at which
@@ -245,7 +264,8 @@ class PersistentStep:
             template += self.turbo.template(a.head_dim)
         vocab = out.weight.shape[0]
         logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
-                              self.times, self.sync == "flags", self.form == "rows")(
+                              self.times, self.sync == "flags", self.form == "rows",
+                              self.row_keys, self.row_unroll, self.sync == "release")(
             inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
             output_dtypes=[mx.float32, mx.int32],
             grid=(self.blocks * self.warps * fd.WARP, 1, 1),
@@ -262,7 +282,8 @@ class PersistentStep:
 @lru_cache(maxsize=None)
 def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool,
             turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False,
-            rows: bool = False):
+            rows: bool = False, row_keys: int = ROW_KEYS, row_unroll: int = ROW_UNROLL,
+            acqrel: bool = False):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -278,6 +299,8 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_TURBO {int(turbo is not None)}\n"
               + f"#define FD_TIMES {int(times)}\n#define FD_MAX_BLOCKS {_MAX_BEST}\n"
               + f"#define FD_FLAGS {int(flags)}\n#define FD_ROWS {int(rows)}\n"
+              + f"#define FD_ROW_KEYS {int(row_keys)}\n#define FD_ROW_UNROLL {int(row_unroll)}\n"
+              + f"#define FD_ACQREL {int(acqrel)}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

@@ -56,8 +56,13 @@ CACHES = [("fp16", {}), ("fp32", {}), ("turbo_kv_4b", {}),
           ("turbo_kv_3b", dict(score_path="fp32_codebook", v="fp32"))]
 
 
+# Beyond Decoder's three: "rows16", the rows form with a split a head per 16 positions
+# (ROW_KEYS is 64): 2 splits at context 20, the most the scratch holds (16) at 600, where the
+# default takes 10; "release", the fused form with the release / acquire grid barrier
+STEPS = {"rows16": dict(form="rows", row_keys=16), "release": dict(form="fused", sync="release")}
 RUNS = [(kv, o, sync, ctx, cap) for kv, o in CACHES for ctx, cap in ((20, 256), (600, 1024))
-        for sync in ("grid", "flags", "rows") if sync == "grid" or kv in ("fp16", "turbo_kv_4b")]
+        for sync in ("grid", "flags", "rows", *STEPS)
+        if sync == "grid" or kv in ("fp16", "turbo_kv_4b")]
 
 
 @pytest.mark.parametrize("kv, options, sync, ctx, capacity", RUNS,
@@ -69,7 +74,9 @@ def test_logits_are_the_fused_steps_bit_for_bit(model, kv, options, sync, ctx, c
     fused = Decoder(model, fused_cache, identity, fused=True, compiled=False)
     pers_cache, _ = prefilled(model, kv, ctx, **options)
     pers_cache.reserve(capacity)
-    pers = Decoder(model, pers_cache, greedy, persistent=sync)
+    pers = Decoder(model, pers_cache, greedy, persistent=sync if sync not in STEPS else True)
+    if sync in STEPS:
+        pers.persistent = pd.PersistentStep(model, fd.TurboSpec.of(pers_cache), **STEPS[sync])
     assert pers_cache.capacity == fused_cache.capacity == capacity
     token = y
     for _ in range(12):
@@ -112,7 +119,7 @@ def test_a_token_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds(mod
     assert 0 <= dec.check(y.item()) < model.args.vocab_size
 
 
-@pytest.mark.parametrize("sync", ["grid", "flags"])
+@pytest.mark.parametrize("sync", ["grid", "release", "flags"])
 def test_a_grid_that_cannot_be_resident_fails_in_bounded_time(model, sync):
     """Twice as many 512-thread blocks as SMs: the kernel needs 128 registers a thread, so one
     block fills an SM and half the grid waits for the other half to finish; the first barrier

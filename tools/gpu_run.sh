@@ -9,6 +9,7 @@
 #   bash tools/gpu_run.sh phases    # bench/decode_phases.py --persistent: what bounds the step
 #   bash tools/gpu_run.sh bench     # bench/decode_speed.py with llama.cpp's and mlx-lm's rows
 #   bash tools/gpu_run.sh crossover # bench/crossover.py: the model size where the GPU wins
+#   bash tools/gpu_run.sh check     # the persistent step's GPU tests, its rows form's options
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
 # bytes) and .device/m2/part (the rest) travel in two calls on the same machine:
 #   bash tools/gpu_run.sh model1    # keeps the first part in /tmp
@@ -90,6 +91,23 @@ session2)
     --cap 1.0 --steps 48 --json "$O/cross.json" > "$O/cross.txt" 2> "$O/cross.err"
   tail -20 "$O/cross.txt"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2"
+check)  # one lease: the new code's GPU tests, then the rows form's options compared (device
+  # time per token, steps chained), then the timer marks of the default
+  O=${OUT:-/tmp/out}; mkdir -p "$O"
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not model" -x \
+    tests/test_persistent_decode_gpu.py > "$O/t_persistent.log" 2>&1; tail -3 "$O/t_persistent.log"
+  timeout 80 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_fused_decode_gpu.py -k "launches or decode_steps" > "$O/t_fused.log" 2>&1
+  tail -2 "$O/t_fused.log"
+  P="python3 bench/decode_phases.py --weights quantized --persistent --no-host --chained-only \
+    --kv fp16,turbo_kv_4b --ctx 128,1024,4096,8192 --steps 24"
+  timeout 150 $P --forms rows --row-keys 0,64,32 --row-unroll 4 > "$O/sweep1.txt" 2>&1
+  timeout 60 $P --forms rows:release,rows --row-keys 64 --row-unroll 8 > "$O/sweep2.txt" 2>&1
+  grep "^| [0-9]" "$O/sweep1.txt" "$O/sweep2.txt" | cut -c1-200
+  timeout 40 python3 bench/decode_phases.py --weights quantized --persistent --no-host \
+    --forms rows --kv fp16 --ctx 128 --steps 20 > "$O/marks.txt" 2>&1; grep "^| [0-9]" "$O/marks.txt"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check"
    exit 2 ;;
 esac

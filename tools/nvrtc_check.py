@@ -180,7 +180,8 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
 
                     k, v = cache.take_buffers()
                     kc, vc = (mx.stack([b[0] for b in bufs]) for bufs in (k, v))
-                    for sync, form in (("grid", "fused"), ("flags", "fused"), ("grid", "rows")):
+                    for sync, form in (("grid", "fused"), ("flags", "fused"), ("grid", "rows"),
+                                       ("release", "rows")):
                         step = pd.PersistentStep(model, fd.TurboSpec.of(cache), blocks=132,
                                                  sync=sync, times=sync == "flags", form=form)
                         step._launchable = True  # no probe launch while recording

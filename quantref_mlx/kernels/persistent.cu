@@ -36,6 +36,7 @@ Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[
          3 an earlier launch failed (the scratch's error flag is set: the host makes a new one).
 FD_ROWS 1: the rows form (see below): every projection one output row per warp over the grid.
 FD_FLAGS 1: phases end with fd_phase_end (persistent.cuh) instead of a grid barrier.
+FD_ACQREL 1: the grid barrier's arrival a release reduction, its wait acquire loads (persistent.cuh).
 FD_TIMES 1 (bench/decode_phases.py only): block 0 also writes the global timer at its start and
          as it leaves each barrier into the scratch after the argmax slots (uint64, ns), and
          every block its own start after those 5 NL + 4 marks.
@@ -75,6 +76,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     /* FD_PHASE(P): the end of a phase whose work the blocks b < P did: a grid barrier, or with
        FD_FLAGS 1 fd_phase_end (the generation to wait for: g0 plus the phases so far) */
     unsigned g0 = 0u, phase = 0u;
+    unsigned top = 0u;  /* FD_ACQREL 1: the grid barrier's top bit now (fd_grid_sync) */
 #define FD_MARK()                                                                     \
     do {                                                                              \
         if (FD_TIMES && b == 0 && threadIdx.x == 0) times[mark] = fd_now();           \
@@ -90,7 +92,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 #else
 #define FD_PHASE(P)                                                                   \
     do {                                                                              \
-        if (!fd_grid_sync(bar)) goto failed;                                          \
+        if (!fd_grid_sync(bar, &top)) goto failed;                                    \
         FD_MARK();                                                                    \
     } while (0)
 #endif
@@ -102,6 +104,11 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     const int nwarps = nb * NW;
     const int cap = kc_shape[2];
     const int S = fd_splits(cap);  /* as FusedStep: one block per head up to 256 of capacity */
+#if FD_ROWS
+    /* the rows form's splits a head: one per FD_ROW_KEYS positions, as many as keep every
+       (head, split) on a block of its own (one round); FD_ROW_KEYS 0: the fused form's S */
+    const int SR = FD_ROW_KEYS ? fd_row_splits(pos[0] + 1, NH) : S;
+#endif
     const int tok = token[0];
     int fail = 0;
     if (tok < 0 || tok >= VOCAB) fail = 2;
@@ -122,10 +129,11 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     /* the generation every block starts from: read before the first barrier, which no block
        passes before all have read it, and nothing advances it before that */
     g0 = fd_volatile(bar + 32);
+    top = fd_volatile(bar) & 0x80000000u;  /* likewise: no barrier flips it before all read */
     /* E: the embedding row */
     for (int i = b * (int)blockDim.x + (int)threadIdx.x; i < DIM; i += nb * (int)blockDim.x)
         xa[i] = fd_weight<DIM, EBITS>(wemb, FD_QUANT_E, (size_t)tok, i);
-    if (!fd_grid_sync(bar)) goto failed;
+    if (!fd_grid_sync(bar, &top)) goto failed;
     FD_MARK();
 
     for (int layer = 0; layer < NL; ++layer) {
@@ -147,14 +155,15 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         /* Attention in its split form (both forms take it: the rows form always, the fused
            form for turbo_kv or past one split a head): the S splits' partial softmaxes of every
            head into the scratch's splits, block vb of NH * S taken by block vb % gridDim.x. */
-        auto attend_splits = [&] {
-            for (int vb = b; vb < NH * S; vb += nb) {
+        constexpr int UA = FD_ROWS ? FD_ROW_UNROLL : U;  /* keys a warp loads at once */
+        auto attend_splits = [&](int n_splits) {
+            for (int vb = b; vb < NH * n_splits; vb += nb) {
 #if FD_TURBO
-                fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, U, KBITS, BB, NC, NLEV, PATH, VT, VB>(
-                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, splits);
+                fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, UA, KBITS, BB, NC, NLEV, PATH, VT,
+                                      VB>(vb, NH * n_splits, qv, kvt, kcl, vcl, cap, pos, splits);
 #else
-                fd_attend<NH, NKV, HD, DPL, NW, U, true, 0, 0>(
-                    vb, NH * S, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
+                fd_attend<NH, NKV, HD, DPL, NW, UA, true, 0, 0>(
+                    vb, NH * n_splits, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
                     (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
                     (const float*)nullptr, splits);
 #endif
@@ -209,7 +218,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         } else
 #endif
         {
-            attend_splits();
+            attend_splits(S);
             FD_PHASE(NH * S);
             for (int h = b; h < NH; h += nb) {
                 fd_merge_project<NH, HD, DIM, BO>(h, S, splits, wo, scales + off[3],
@@ -256,16 +265,14 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
            another order than the fused step's: logits within rounding of its, not bit for
            bit. The gate|up outputs live in the splits' scratch, free by then. */
         static_assert(H <= NH * FD_MAX_SPLITS * (HD + 2), "h lives in the splits' scratch");
-        attend_splits();
+        attend_splits(SR);
         /* the idle blocks: this layer's W gate|up and W down toward L2 */
-        fd_prefetch_ffn<DIM, H, BGU, BDN>(min(nb, NH * S), wgu, scales + off[5], biases + off[5],
-                                          wdn, scales + off[7], biases + off[7]);
-        FD_PHASE(NH * S);
+        fd_prefetch_ffn<DIM, H, BGU, BDN>(min(nb, NH * SR), wgu, scales + off[5],
+                                          biases + off[5], wdn, scales + off[7], biases + off[7]);
+        FD_PHASE(NH * SR);
         {   /* Wo: each block merges the heads' splits into shared memory, then rows */
             __shared__ __align__(16) float sm_att[Q_ROWS];
-            for (int i = (int)threadIdx.x; i < Q_ROWS; i += (int)blockDim.x)
-                sm_att[i] = fd_merge_splits<HD>(splits, i / HD, S, i % HD);
-            __syncthreads();
+            fd_merge_rows<NH, HD>(splits, SR, sm_att);
             for (int row = gw; row < DIM; row += nwarps) {
                 float y[2];
                 fd_rows_dot<Q_ROWS, 1, BO>(wo, scales + off[3], biases + off[3], row, row, sm_att,

@@ -23,6 +23,53 @@ __device__ __forceinline__ unsigned long long fd_now() {  /* ns, the GPU's globa
 __device__ __forceinline__ int fd_splits(int cap) {
     return max(1, min(FD_MAX_SPLITS, cap / FD_SPLIT_KEYS));
 }
+/* Splits a head in the rows form for L positions (FD_ROW_KEYS > 0): one per FD_ROW_KEYS
+   positions, at most FD_MAX_SPLITS (the scratch's room) and at most as many as give each of the
+   nh heads' splits a block of its own, so that attention is one round of the grid. */
+__device__ __forceinline__ int fd_row_splits(int L, int nh) {
+    const int most = max(1, min(FD_MAX_SPLITS, (int)gridDim.x / nh));
+    return max(1, min(most, (L + FD_ROW_KEYS - 1) / max(1, FD_ROW_KEYS)));
+}
+/* Every head's attention output [NH * HD] into shared memory ``out``, merged from its S splits'
+   partial softmaxes (splits [NH * S, HD + 2]) as fd_merge_splits merges them, the same sums in
+   the same order (bit for bit), but with each split's weight e^(m_s - M) and each head's total
+   taken once a block, not once an element, and each element's S loads in flight together (a
+   loop of FD_MAX_SPLITS, unrolled): two round trips to L2, not 2 S. Called by every thread. */
+template <int NH, int HD>
+__device__ __forceinline__ void fd_merge_rows(const float* splits, int S, float* out) {
+    const float NEG_INF = __int_as_float(0xff800000);
+    __shared__ float sm_e[NH * FD_MAX_SPLITS];  /* the m_s, then the weights e^(m_s - M) */
+    __shared__ float sm_l[NH * FD_MAX_SPLITS];
+    __shared__ float sm_total[NH];
+    for (int t = (int)threadIdx.x; t < NH * S; t += (int)blockDim.x) {
+        sm_e[t] = splits[(size_t)t * (HD + 2) + HD];
+        sm_l[t] = splits[(size_t)t * (HD + 2) + HD + 1];
+    }
+    __syncthreads();
+    for (int h = (int)threadIdx.x; h < NH; h += (int)blockDim.x) {
+        float M = NEG_INF;
+        for (int s = 0; s < S; ++s) M = fmaxf(M, sm_e[h * S + s]);
+        float total = 0.0f;
+        for (int s = 0; s < S; ++s) {
+            const float m = sm_e[h * S + s];
+            const float e = m == NEG_INF ? 0.0f : expf(m - M);  /* a split that had no key */
+            total += sm_l[h * S + s] * e;
+            sm_e[h * S + s] = e;
+        }
+        sm_total[h] = total;
+    }
+    __syncthreads();
+    for (int i = (int)threadIdx.x; i < NH * HD; i += (int)blockDim.x) {
+        const int h = i / HD;
+        const float* p = splits + (size_t)h * S * (HD + 2) + i % HD;
+        float o = 0.0f;
+#pragma unroll
+        for (int s = 0; s < FD_MAX_SPLITS; ++s)
+            if (s < S) o += p[(size_t)s * (HD + 2)] * sm_e[h * S + s];
+        out[i] = o / sm_total[h];
+    }
+    __syncthreads();
+}
 /* (v, i) replaces (*bv, *bi) when larger, or equal with a smaller index: argmax's first index. */
 __device__ __forceinline__ void fd_better(float v, int i, float* bv, int* bi) {
     if (v > *bv || (v == *bv && i < *bi)) {
@@ -50,19 +97,35 @@ __device__ __forceinline__ int fd_bounded_wait(unsigned* bar, Pending pending) {
    the others 1, so its top bit flips when the last block arrives and the low bits come back to
    where they were (nothing to reset between barriers or launches). Bounded: a wait longer than
    FD_WAIT_NS (a block that never started: the grid was not all resident) sets the error flag
-   bar[1], and any waiter that sees the flag stops too; false then, and the kernel returns. The
-   fences make each block's writes before the barrier visible to every block after it. */
-__device__ __forceinline__ bool fd_grid_sync(unsigned* bar) {
+   bar[1], and any waiter that sees the flag stops too; false then, and the kernel returns.
+   FD_ACQREL 0: as cooperative groups, a fence, the arrival an atomic add whose old value says
+   which way the top bit will flip, the wait volatile loads, a fence. FD_ACQREL 1: as CUTLASS's
+   GenericBarrier, the arrival a reduction with release semantics and the wait loads with
+   acquire semantics, neither a full fence nor a returned value to wait for; thread 0 then knows
+   the top bit to wait for from ``*top`` (the bit it read at the kernel's start, before any
+   arrival could flip it, toggled at each barrier). Either way each block's writes before the
+   barrier are visible to every block after it. */
+__device__ __forceinline__ bool fd_grid_sync(unsigned* bar, unsigned* top) {
     __shared__ int fd_ok;
     __syncthreads();
     if (threadIdx.x == 0) {
         const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
+#if FD_ACQREL
+        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bar), "r"(add) : "memory");
+        const unsigned want = (*top ^= 0x80000000u);
+        const int ok = fd_bounded_wait(bar, [&] {
+            unsigned now;
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(bar) : "memory");
+            return (now & 0x80000000u) != want;  /* not flipped yet */
+        });
+#else
         __threadfence();
         const unsigned old = atomicAdd(bar, add);
         const int ok = fd_bounded_wait(bar, [&] {
             return ((old ^ fd_volatile(bar)) & 0x80000000u) == 0u;  /* not flipped yet */
         });
         __threadfence();
+#endif
         fd_ok = ok;
     }
     __syncthreads();
