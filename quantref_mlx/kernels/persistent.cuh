@@ -34,9 +34,11 @@ __device__ __forceinline__ int fd_row_splits(int L, int nh) {
    partial softmaxes (splits [NH * S, HD + 2]) as fd_merge_splits merges them, the same sums in
    the same order (bit for bit), but with each split's weight e^(m_s - M) and each head's total
    taken once a block, not once an element, and each element's S loads in flight together (a
-   loop of FD_MAX_SPLITS, unrolled): two round trips to L2, not 2 S. Called by every thread. */
+   loop of FD_MAX_SPLITS, unrolled): two round trips to L2, not 2 S. Called by every thread.
+   Not inlined: its loads in flight would take a turbo_kv kernel past 128 registers a thread
+   (the rows form's turbo_kv_4b then launched with 8 warps a block, not 16, on the H200). */
 template <int NH, int HD>
-__device__ __forceinline__ void fd_merge_rows(const float* splits, int S, float* out) {
+__device__ __noinline__ void fd_merge_rows(const float* splits, int S, float* out) {
     const float NEG_INF = __int_as_float(0xff800000);
     __shared__ float sm_e[NH * FD_MAX_SPLITS];  /* the m_s, then the weights e^(m_s - M) */
     __shared__ float sm_l[NH * FD_MAX_SPLITS];
