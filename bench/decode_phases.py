@@ -101,7 +101,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     # the blocks' bests, by block 0 after the last barrier, has none: its time is not counted)
     names = ["embedding"] + per_layer * a.n_layers + ["logits"]
     sums = dict.fromkeys(["embedding", *per_layer, "logits"], 0.0)
-    skew = 0.0
+    skew = arrive = 0.0
     for i in range(steps + 2 if marks else 0):
         y = dec(y)
         dec.check(y.item())
@@ -109,10 +109,13 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
             continue  # the first launches compile and probe
         t = dec.persistent.marks()[:len(names)].astype(np.float64) / 1e3  # us since the start
         skew += float(dec.persistent.starts().max()) / 1e3
+        arrive += float(dec.persistent.arrivals().max()) / 1e3
         for name, d in zip(names, np.diff(np.concatenate([[0.0], t]))):
             sums[name] += d
     out = {k: v / steps for k, v in sums.items()} if marks else {}
     out["skew"] = skew / steps if marks else float("nan")  # us, block 0's start to the last's
+    # us from block 0's start to the last block's arrival at the first barrier
+    out["arrive"] = arrive / steps if marks else float("nan")
     out["barriers"] = len(names)
     # the device alone: steps chained, one evaluation
     dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), **form)
@@ -125,7 +128,8 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     out["chained"] = (time.perf_counter() - start) / steps * 1e6
     out["warps"] = dec.persistent.warps
     out["blocks"] = dec.persistent.blocks
-    out["rows"] = f"{dec.persistent.row_keys} / {dec.persistent.row_unroll}"
+    out["rows"] = (f"{dec.persistent.row_keys} / {dec.persistent.row_unroll}"
+                   + (" / group" if dec.persistent.row_group else ""))
     return out
 
 
@@ -175,6 +179,9 @@ def main() -> None:
                     help="the rows form's positions a split, comma-separated (default: its own)")
     ap.add_argument("--row-unroll", default=None,
                     help="the rows form's keys a warp loads at once, comma-separated")
+    ap.add_argument("--row-group", default=None,
+                    help="the rows form's attention a block per KV head (1) or per head (0), "
+                         "comma-separated")
     ap.add_argument("--chained-only", action="store_true",
                     help="the persistent step's chained time only (no timer marks)")
     ap.add_argument("--no-host", action="store_true",
@@ -210,15 +217,17 @@ def main() -> None:
     if args.persistent:
         print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
               "and the device's time per token with steps chained (no host in between):")
-        print("| ctx | KV | form | row keys / unroll | blocks x warps | phases | last block starts | "
-              "embedding | qkv | attention | merge (or Wo) | ffn (gate,up + down) | logits | "
+        print("| ctx | KV | form | row keys / unroll (/ group) | blocks x warps | phases | last block starts | "
+              "last block at the first barrier | embedding | qkv | attention | merge (or Wo) | ffn (gate,up + down) | logits | "
               "sum | chained us/token |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         keys = [None] if args.row_keys is None else [int(k) for k in args.row_keys.split(",")]
         unrolls = [None] if args.row_unroll is None else [
             int(u) for u in args.row_unroll.split(",")]
-        rows = [{k: v for k, v in (("row_keys", key), ("row_unroll", u)) if v is not None}
-                for key in keys for u in unrolls]
+        groups = [None] if args.row_group is None else [
+            bool(int(x)) for x in args.row_group.split(",")]
+        rows = [{k: v for k, v in (("row_keys", key), ("row_unroll", u), ("row_group", grp))
+                 if v is not None} for key in keys for u in unrolls for grp in groups]
         runs = [(c, kv, f, r) for c in contexts for kv in kvs for f in args.forms.split(",")
                 for r in (rows if f.startswith("rows") else [None])]
         for ctx, kv, sync, k in runs:
@@ -229,6 +238,7 @@ def main() -> None:
                      m.get("logits", 0.0)]
             print(f"| {ctx} | {kv} | {sync} | {m['rows'] if sync.startswith('rows') else '-'} | "
                   f"{m['blocks']} x {m['warps']} | {m['barriers']} | {m['skew']:.1f} | "
+                  f"{m['arrive']:.1f} | "
                   + " | ".join(f"{x:.1f}" for x in parts)
                   + f" | {sum(parts):.1f} | {m['chained']:.1f} |", flush=True)
     if not args.no_host and getattr(mx, "cuda", None) is not None and mx.cuda.is_available():

@@ -73,6 +73,10 @@ FORM = "rows"  # the faster at every context measured (docs/benchmarks.md)
 # step, one split per fused_decode.ATTEND_SPLIT_KEYS of capacity, whatever the grid
 ROW_KEYS = 64
 ROW_UNROLL = 4  # the rows form's attention: keys a warp loads at once (the fused form: U)
+# The rows form's attention on float caches: a block per (KV head, split) for the KV head's
+# query heads together (fd_attend_group: each key read once for them), not per (head, split)
+ROW_GROUP = True
+ROW_MAX_SPLITS = 48  # the rows form's splits a head at most (the scratch's room)
 
 REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
               "launch was resident (another kernel or process holding SMs?)",
@@ -143,7 +147,7 @@ class PersistentStep:
     def __init__(self, model: "Model", turbo: "fd.TurboSpec | None" = None,
                  blocks: int | None = None, warps: int = WARPS, times: bool = False,
                  sync: str = SYNC, form: str = FORM, row_keys: int | None = None,
-                 row_unroll: int | None = None):
+                 row_unroll: int | None = None, row_group: bool | None = None):
         if sync not in ("grid", "release", "flags"):
             raise ValueError(f"sync must be 'grid', 'release' or 'flags', not {sync!r}")
         if form not in ("fused", "rows"):
@@ -160,6 +164,7 @@ class PersistentStep:
                              f"{row_keys}, {row_unroll}")
         self.warps, self.times, self.sync, self.form = warps, times, sync, form
         self.row_keys, self.row_unroll = row_keys, row_unroll
+        self.row_group = ROW_GROUP if row_group is None else bool(row_group)
         self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
@@ -189,11 +194,12 @@ class PersistentStep:
         layout of ``persistent.cu``."""
         a = self.args
         fb = a.hidden_dim // fd.FFN_UNITS
-        splits = a.n_heads * fd.ATTEND_MAX_SPLITS * (a.head_dim + 2)
+        splits = a.n_heads * max(fd.ATTEND_MAX_SPLITS, ROW_MAX_SPLITS) * (a.head_dim + 2)
         best = (96 + a.n_heads * a.dim + 4 + fb * a.dim + 4 + 2 * a.dim + a.n_heads * a.head_dim
                 + 2 * a.n_kv_heads * a.head_dim + -(-splits // 4) * 4)
         marks = best + 2 * _MAX_BEST
-        return marks, marks + 2 * (self.max_marks + _MAX_BEST)  # the marks, each block's start
+        # the marks, then each block's start, then its arrival at the first barrier
+        return marks, marks + 2 * (self.max_marks + 2 * _MAX_BEST)
 
     @property
     def max_marks(self) -> int:
@@ -225,6 +231,14 @@ class PersistentStep:
         raw = np.array(self.scratch[start:start + 2 * (self.max_marks + self.blocks)]).view(
             np.uint64)
         return raw[self.max_marks:].astype(np.int64) - np.int64(raw[0])
+
+    def arrivals(self) -> np.ndarray:
+        """With ``times=True``, after an evaluated step: ns after block 0's start at which each
+        block reached the first barrier, its embedding row written (``int64 [blocks]``)."""
+        start = self._offsets()[0]
+        raw = np.array(self.scratch[start:self._offsets()[1]]).view(np.uint64)
+        at = self.max_marks + _MAX_BEST
+        return raw[at:at + self.blocks].astype(np.int64) - np.int64(raw[0])
 
     def _probe(self, kc: mx.array, vc: mx.array) -> None:
         """Launch once with an invalid token (every block returns at once, touching nothing):
@@ -265,7 +279,8 @@ class PersistentStep:
         vocab = out.weight.shape[0]
         logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
                               self.times, self.sync == "flags", self.form == "rows",
-                              self.row_keys, self.row_unroll, self.sync == "release")(
+                              self.row_keys, self.row_unroll, self.sync == "release",
+                              self.row_group)(
             inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
             output_dtypes=[mx.float32, mx.int32],
             grid=(self.blocks * self.warps * fd.WARP, 1, 1),
@@ -283,7 +298,7 @@ class PersistentStep:
 def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool,
             turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False,
             rows: bool = False, row_keys: int = ROW_KEYS, row_unroll: int = ROW_UNROLL,
-            acqrel: bool = False):
+            acqrel: bool = False, row_group: bool = ROW_GROUP):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -300,7 +315,8 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_TIMES {int(times)}\n#define FD_MAX_BLOCKS {_MAX_BEST}\n"
               + f"#define FD_FLAGS {int(flags)}\n#define FD_ROWS {int(rows)}\n"
               + f"#define FD_ROW_KEYS {int(row_keys)}\n#define FD_ROW_UNROLL {int(row_unroll)}\n"
-              + f"#define FD_ACQREL {int(acqrel)}\n"
+              + f"#define FD_ACQREL {int(acqrel)}\n#define FD_ROW_GROUP {int(row_group)}\n"
+              + f"#define FD_ROW_MAX_SPLITS {ROW_MAX_SPLITS}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

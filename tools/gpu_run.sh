@@ -11,6 +11,8 @@
 #   bash tools/gpu_run.sh crossover # bench/crossover.py: the model size where the GPU wins
 #   bash tools/gpu_run.sh check     # the persistent step's GPU tests, its rows form's options
 #   bash tools/gpu_run.sh final     # the remaining tests, then the same-run table (one lease)
+#   bash tools/gpu_run.sh check2    # then, in the same lease, table: tests and options, then
+#   bash tools/gpu_run.sh table     # the same-run table
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
 # bytes) and .device/m2/part (the rest) travel in two calls on the same machine:
 #   bash tools/gpu_run.sh model1    # keeps the first part in /tmp
@@ -130,6 +132,28 @@ final)  # one lease: the remaining GPU tests while llama.cpp builds, then the sa
     --forms rows --kv fp16,turbo_kv_4b --ctx 128,4096 --steps 20 > "$O/marks.txt" 2>&1
   grep "^| [0-9]" "$O/marks.txt"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final"
+check2)  # one lease, two calls (check2, then table within 30 s): tests and the rows form's
+  # attention compared (a block per KV head or per head; the timer marks) while llama.cpp builds
+  O=${OUT:-/tmp/out}; mkdir -p "$O"
+  bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_persistent_decode_gpu.py -k "(fp16 and (rows or release)) or outside or \
+    resident or sampled" > "$O/t_persistent.log" 2>&1; tail -3 "$O/t_persistent.log"
+  timeout 150 python3 bench/decode_phases.py --weights quantized --persistent --no-host \
+    --forms rows --kv fp16 --ctx 128,1024,4096,8192 --steps 16 --row-keys 64,128 \
+    --row-group 1,0 > "$O/sweep.txt" 2>&1; grep "^| [0-9]" "$O/sweep.txt" | cut -c1-220
+  ;;
+table)
+  O=${OUT:-/tmp/out}; mkdir -p "$O"; B=/tmp/llamacpp/llama.cpp/build/bin/llama-bench
+  for i in $(seq 60); do [ -x "$B" ] && break; sleep 5; done
+  xz -dc .device/llamacpp-cuda/smollm2-135m-header.Q4_1.gguf.xz > /tmp/h.gguf
+  python3 .device/llamacpp-cuda/random_gguf.py /tmp/h.gguf /tmp/smollm2-random.gguf
+  nvidia-smi --query-gpu=name,clocks.max.sm,memory.total,driver_version --format=csv,noheader
+  timeout 340 python3 bench/decode_speed.py --weights quantized --steps 48 \
+    --modes mlx,mlx-persistent-rows --kv fp16,turbo_kv_4b,turbo_kv_5b \
+    --contexts 128,1024,4096,8192 --llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf \
+    --mlx-lm --json "$O/bench.json" > "$O/bench.txt" 2> "$O/bench.err"; tail -34 "$O/bench.txt"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final|check2|table"
    exit 2 ;;
 esac

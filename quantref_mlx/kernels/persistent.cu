@@ -39,7 +39,8 @@ FD_FLAGS 1: phases end with fd_phase_end (persistent.cuh) instead of a grid barr
 FD_ACQREL 1: the grid barrier's arrival a release reduction, its wait acquire loads (persistent.cuh).
 FD_TIMES 1 (bench/decode_phases.py only): block 0 also writes the global timer at its start and
          as it leaves each barrier into the scratch after the argmax slots (uint64, ns), and
-         every block its own start after those 5 NL + 4 marks.
+         every block its own start after those 5 NL + 4 marks, then (FD_MAX_BLOCKS slots on)
+         its arrival at the first barrier.
 Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (the four matrices'
          bits, 4 or 8), EBITS, OBITS (embedding, output: 0 float, 4 or 8); FD_TURBO 1 also
          KBITS, BB, NC, NLEV, PATH, VT, VB, W (TurboSpec.template; W 0: no k-window). */
@@ -54,8 +55,9 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     constexpr int OFF_XB = OFF_XA + DIM;                   /* ... and after attention */
     constexpr int OFF_Q = OFF_XB + DIM;
     constexpr int OFF_KV = OFF_Q + Q_ROWS;                 /* in the cache's dtype */
-    constexpr int OFF_SPLITS = OFF_KV + KV_ROWS;           /* NH * FD_MAX_SPLITS * (HD + 2) */
-    constexpr int OFF_BEST = OFF_SPLITS + ((NH * FD_MAX_SPLITS * (HD + 2) + 3) / 4) * 4;
+    constexpr int MAXS = FD_MAX_SPLITS > FD_ROW_MAX_SPLITS ? FD_MAX_SPLITS : FD_ROW_MAX_SPLITS;
+    constexpr int OFF_SPLITS = OFF_KV + KV_ROWS;           /* NH * MAXS * (HD + 2) */
+    constexpr int OFF_BEST = OFF_SPLITS + ((NH * MAXS * (HD + 2) + 3) / 4) * 4;
 #if FD_TURBO
     using KT = float;  /* this token's k and v: turbo_kv quantizes the key from float32 */
 #else
@@ -107,7 +109,10 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 #if FD_ROWS
     /* the rows form's splits a head: one per FD_ROW_KEYS positions, as many as keep every
        (head, split) on a block of its own (one round); FD_ROW_KEYS 0: the fused form's S */
-    const int SR = FD_ROW_KEYS ? fd_row_splits(pos[0] + 1, NH) : S;
+    /* FD_ROW_GROUP 1 (float caches): a split a KV head, for its G query heads (fd_attend_group),
+       whose shared memory (NW G HD floats) must fit beside the rest */
+    constexpr bool GROUP = FD_ROW_GROUP && !FD_TURBO && NW * (NH / NKV) * HD <= 4096;
+    const int SR = FD_ROW_KEYS ? fd_row_splits(pos[0] + 1, GROUP ? NKV : NH) : S;
 #endif
     const int tok = token[0];
     int fail = 0;
@@ -133,6 +138,10 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     /* E: the embedding row */
     for (int i = b * (int)blockDim.x + (int)threadIdx.x; i < DIM; i += nb * (int)blockDim.x)
         xa[i] = fd_weight<DIM, EBITS>(wemb, FD_QUANT_E, (size_t)tok, i);
+    if (FD_TIMES) {  /* every block's arrival at the first barrier, after the starts */
+        __syncthreads();
+        if (threadIdx.x == 0) times[5 * NL + 4 + FD_MAX_BLOCKS + b] = fd_now();
+    }
     if (!fd_grid_sync(bar, &top)) goto failed;
     FD_MARK();
 
@@ -264,12 +273,22 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
            the SMs work on each, and the dependent steps of a phase are fewer. The sums run in
            another order than the fused step's: logits within rounding of its, not bit for
            bit. The gate|up outputs live in the splits' scratch, free by then. */
-        static_assert(H <= NH * FD_MAX_SPLITS * (HD + 2), "h lives in the splits' scratch");
-        attend_splits(SR);
+        static_assert(H <= NH * MAXS * (HD + 2), "h lives in the splits' scratch");
+        const int units = (GROUP ? NKV : NH) * SR;  /* attention's blocks */
+#if !FD_TURBO
+        if (GROUP) {
+            for (int vb = b; vb < units; vb += nb) {
+                fd_attend_group<NH, NKV, HD, DPL, NW, UA>(vb, SR, qv, kvt, kcl, vcl, cap, pos,
+                                                          splits);
+                __syncthreads();  /* the block's shared memory, free for its next index */
+            }
+        } else
+#endif
+            attend_splits(SR);
         /* the idle blocks: this layer's W gate|up and W down toward L2 */
-        fd_prefetch_ffn<DIM, H, BGU, BDN>(min(nb, NH * SR), wgu, scales + off[5],
+        fd_prefetch_ffn<DIM, H, BGU, BDN>(min(nb, units), wgu, scales + off[5],
                                           biases + off[5], wdn, scales + off[7], biases + off[7]);
-        FD_PHASE(NH * SR);
+        FD_PHASE(units);
         {   /* Wo: each block merges the heads' splits into shared memory, then rows */
             __shared__ __align__(16) float sm_att[Q_ROWS];
             fd_merge_rows<NH, HD>(splits, SR, sm_att);

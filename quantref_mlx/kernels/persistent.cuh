@@ -24,24 +24,25 @@ __device__ __forceinline__ int fd_splits(int cap) {
     return max(1, min(FD_MAX_SPLITS, cap / FD_SPLIT_KEYS));
 }
 /* Splits a head in the rows form for L positions (FD_ROW_KEYS > 0): one per FD_ROW_KEYS
-   positions, at most FD_MAX_SPLITS (the scratch's room) and at most as many as give each of the
-   nh heads' splits a block of its own, so that attention is one round of the grid. */
+   positions, at most FD_ROW_MAX_SPLITS (the scratch's room) and at most as many as give each of
+   the nh heads' (or KV heads', fd_attend_group) splits a block of its own, so that attention is
+   one round of the grid. */
 __device__ __forceinline__ int fd_row_splits(int L, int nh) {
-    const int most = max(1, min(FD_MAX_SPLITS, (int)gridDim.x / nh));
+    const int most = max(1, min(FD_ROW_MAX_SPLITS, (int)gridDim.x / nh));
     return max(1, min(most, (L + FD_ROW_KEYS - 1) / max(1, FD_ROW_KEYS)));
 }
 /* Every head's attention output [NH * HD] into shared memory ``out``, merged from its S splits'
    partial softmaxes (splits [NH * S, HD + 2]) as fd_merge_splits merges them, the same sums in
    the same order (bit for bit), but with each split's weight e^(m_s - M) and each head's total
    taken once a block, not once an element, and each element's S loads in flight together (a
-   loop of FD_MAX_SPLITS, unrolled): two round trips to L2, not 2 S. Called by every thread.
+   loop of FD_ROW_MAX_SPLITS, unrolled): two round trips to L2, not 2 S. Called by every thread.
    Not inlined: its loads in flight would take a turbo_kv kernel past 128 registers a thread
    (the rows form's turbo_kv_4b then launched with 8 warps a block, not 16, on the H200). */
 template <int NH, int HD>
 __device__ __noinline__ void fd_merge_rows(const float* splits, int S, float* out) {
     const float NEG_INF = __int_as_float(0xff800000);
-    __shared__ float sm_e[NH * FD_MAX_SPLITS];  /* the m_s, then the weights e^(m_s - M) */
-    __shared__ float sm_l[NH * FD_MAX_SPLITS];
+    __shared__ float sm_e[NH * FD_ROW_MAX_SPLITS];  /* the m_s, then the weights e^(m_s - M) */
+    __shared__ float sm_l[NH * FD_ROW_MAX_SPLITS];
     __shared__ float sm_total[NH];
     for (int t = (int)threadIdx.x; t < NH * S; t += (int)blockDim.x) {
         sm_e[t] = splits[(size_t)t * (HD + 2) + HD];
@@ -66,11 +67,130 @@ __device__ __noinline__ void fd_merge_rows(const float* splits, int S, float* ou
         const float* p = splits + (size_t)h * S * (HD + 2) + i % HD;
         float o = 0.0f;
 #pragma unroll
-        for (int s = 0; s < FD_MAX_SPLITS; ++s)
+        for (int s = 0; s < FD_ROW_MAX_SPLITS; ++s)
             if (s < S) o += p[(size_t)s * (HD + 2)] * sm_e[h * S + s];
         out[i] = o / sm_total[h];
     }
     __syncthreads();
+}
+/* The rows form's attention for float caches (FD_ROW_GROUP 1): one split of one KV head's keys
+   for all G = NH / NKV query heads that share it (grouped-query attention), each key and value
+   row read once for the G heads, where fd_attend reads it once a head; so each of the grid's
+   blocks takes G times fewer keys for the same number of blocks. Block vb of NKV * S: KV head
+   g = vb / S, split vb % S. Writes each head's partial softmax where fd_attend's split form
+   would (out [NH * S, HD + 2], row h * S + split: fd_merge_rows merges them), with, per head,
+   fd_attend's sums in fd_attend's order (the keys each warp takes, the dot products, the online
+   softmax, the warps' merge): the same bits for the same S. Split 0 writes this token's key and
+   value into the cache (kc, vc [NKV, cap, HD] of this layer), as fd_attend's. */
+template <int NH, int NKV, int HD, int DPL, int NW, int U, typename KT>
+__device__ void fd_attend_group(int vb, int S, const float* q, const KT* kv, const KT* kc,
+                                const KT* vc, int cap, const int* pos, float* out) {
+    constexpr int G = NH / NKV;
+    const int g = vb / S;
+    const int split = vb % S;
+    const int warp = (int)(threadIdx.x >> 5);
+    const int lane = (int)(threadIdx.x & 31);
+    const int L = pos[0] + 1;
+    const int chunk = (L + S - 1) / S;
+    const int lo = split * chunk;
+    const int hi = min(L, lo + chunk);
+    const float NEG_INF = __int_as_float(0xff800000);
+    __shared__ float sm_gm[NW * G];
+    __shared__ float sm_gl[NW * G];
+    __shared__ float sm_gacc[NW * G * HD];
+    if (split == 0 && (int)threadIdx.x < HD) {
+        const size_t at = ((size_t)g * cap + (L - 1)) * HD + threadIdx.x;
+        fd_poke(kc + at, kv[g * HD + threadIdx.x]);
+        fd_poke(vc + at, kv[(NKV + g) * HD + threadIdx.x]);
+    }
+    float qv[G][DPL], acc[G][DPL], m[G], l[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        m[j] = NEG_INF;
+        l[j] = 0.0f;
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) {
+            qv[j][d] = q[(g * G + j) * HD + lane * DPL + d] * FD_SCALE;
+            acc[j][d] = 0.0f;
+        }
+    }
+    const size_t base = (size_t)g * cap * HD + lane * DPL;
+    for (int t0 = lo + warp; t0 < hi; t0 += NW * U) {
+        float s[G][U];
+        float vv[U][DPL];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u * NW;
+#pragma unroll
+            for (int j = 0; j < G; ++j) s[j][u] = 0.0f;
+            if (t < hi) {  /* uniform across the warp */
+                const bool last = t == L - 1;  /* this token: from kv, not yet in the cache */
+                const auto* kp = last ? kv + g * HD + lane * DPL : kc + base + (size_t)t * HD;
+                const auto* vp = last ? kv + (NKV + g) * HD + lane * DPL
+                                      : vc + base + (size_t)t * HD;
+#pragma unroll
+                for (int d = 0; d < DPL; ++d) {
+                    const float k = fd_f(kp[d]);
+#pragma unroll
+                    for (int j = 0; j < G; ++j) s[j][u] += qv[j][d] * k;
+                    vv[u][d] = fd_f(vp[d]);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+            float mn = m[j];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                s[j][u] = fd_sum(s[j][u]);
+                if (t0 + u * NW < hi) mn = fmaxf(mn, s[j][u]);
+            }
+            const float c = expf(m[j] - mn);  /* 0 on a warp's first keys (m = -inf) */
+            l[j] *= c;
+#pragma unroll
+            for (int d = 0; d < DPL; ++d) acc[j][d] *= c;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (t0 + u * NW < hi) {
+                    const float p = expf(s[j][u] - mn);
+                    l[j] += p;
+#pragma unroll
+                    for (int d = 0; d < DPL; ++d) acc[j][d] += p * vv[u][d];
+                }
+            }
+            m[j] = mn;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        if (lane == 0) {
+            sm_gm[warp * G + j] = m[j];
+            sm_gl[warp * G + j] = l[j];
+        }
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) sm_gacc[(warp * G + j) * HD + lane * DPL + d] = acc[j][d];
+    }
+    __syncthreads();
+    for (int i = (int)threadIdx.x; i < G * HD; i += (int)blockDim.x) {
+        const int j = i / HD;
+        const int d = i % HD;
+        float M = NEG_INF;
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_gm[w * G + j]);
+        float total = 0.0f;
+        float o = 0.0f;
+        for (int w = 0; w < NW; ++w) {
+            if (sm_gm[w * G + j] == NEG_INF) continue;  /* a warp that had no key */
+            const float e = expf(sm_gm[w * G + j] - M);
+            total += sm_gl[w * G + j] * e;
+            o += sm_gacc[(w * G + j) * HD + d] * e;
+        }
+        float* mine = out + ((size_t)(g * G + j) * S + split) * (HD + 2);
+        mine[d] = o;
+        if (d == 0) {
+            mine[HD] = M;
+            mine[HD + 1] = total;
+        }
+    }
 }
 /* (v, i) replaces (*bv, *bi) when larger, or equal with a smaller index: argmax's first index. */
 __device__ __forceinline__ void fd_better(float v, int i, float* bv, int* bi) {
