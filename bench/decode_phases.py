@@ -102,6 +102,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     names = ["embedding"] + per_layer * a.n_layers + ["logits"]
     sums = dict.fromkeys(["embedding", *per_layer, "logits"], 0.0)
     skew = arrive = 0.0
+    late = {}  # block: how many steps it was the last at the first barrier
     for i in range(steps + 2 if marks else 0):
         y = dec(y)
         dec.check(y.item())
@@ -109,13 +110,16 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
             continue  # the first launches compile and probe
         t = dec.persistent.marks()[:len(names)].astype(np.float64) / 1e3  # us since the start
         skew += float(dec.persistent.starts().max()) / 1e3
-        arrive += float(dec.persistent.arrivals().max()) / 1e3
+        arrivals = dec.persistent.arrivals()
+        arrive += float(arrivals.max()) / 1e3
+        late[int(arrivals.argmax())] = late.get(int(arrivals.argmax()), 0) + 1
         for name, d in zip(names, np.diff(np.concatenate([[0.0], t]))):
             sums[name] += d
     out = {k: v / steps for k, v in sums.items()} if marks else {}
     out["skew"] = skew / steps if marks else float("nan")  # us, block 0's start to the last's
     # us from block 0's start to the last block's arrival at the first barrier
     out["arrive"] = arrive / steps if marks else float("nan")
+    out["late"] = max(late, key=late.get) if late else "-"
     out["barriers"] = len(names)
     # the device alone: steps chained, one evaluation
     dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), **form)
@@ -238,7 +242,7 @@ def main() -> None:
                      m.get("logits", 0.0)]
             print(f"| {ctx} | {kv} | {sync} | {m['rows'] if sync.startswith('rows') else '-'} | "
                   f"{m['blocks']} x {m['warps']} | {m['barriers']} | {m['skew']:.1f} | "
-                  f"{m['arrive']:.1f} | "
+                  f"{m['arrive']:.1f} (block {m['late']}) | "
                   + " | ".join(f"{x:.1f}" for x in parts)
                   + f" | {sum(parts):.1f} | {m['chained']:.1f} |", flush=True)
     if not args.no_host and getattr(mx, "cuda", None) is not None and mx.cuda.is_available():

@@ -75,7 +75,7 @@ ROW_KEYS = 64
 ROW_UNROLL = 4  # the rows form's attention: keys a warp loads at once (the fused form: U)
 # The rows form's attention on float caches: a block per (KV head, split) for the KV head's
 # query heads together (fd_attend_group: each key read once for them), not per (head, split)
-ROW_GROUP = True
+ROW_GROUP = False  # measured (docs/benchmarks.md): faster at 8k, slower at 128-4k
 ROW_MAX_SPLITS = 48  # the rows form's splits a head at most (the scratch's room)
 
 REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
@@ -185,7 +185,14 @@ class PersistentStep:
         self.lnw = mx.stack([mx.stack([lw.attn_norm, lw.ffn_norm]) for lw in w.layers])
         self.inv_freq = mx.array(fd._inv_freq(a, None if w.rope_freqs is None
                                               else np.array(w.rope_freqs)))
-        mx.eval(self.codes, self.scales, self.biases, self.woff, self.lnw, self.inv_freq)
+        # The embedding, copied by the GPU: a token reads one row of it, and a row that lives
+        # in managed memory still on the host (MLX keeps arrays made from host data there)
+        # stalls the step on a page fault the first time a token reads it, 50-90 us on the
+        # H200 (decode_phases.py: the block writing the row arrived that late at the first
+        # barrier). Every other input is read whole at every step (resident after the first).
+        self.embedding = [x * 1 for x in fd._arrays(w.token_embd)]
+        mx.eval(self.codes, self.scales, self.biases, self.woff, self.lnw, self.inv_freq,
+                *self.embedding)
         self.scratch = self._fresh_scratch()
         self.consts = (a.norm_eps, 1.0 / math.sqrt(a.head_dim))
 
@@ -265,7 +272,7 @@ class PersistentStep:
     def _launch(self, token: mx.array, pos: mx.array, kc: mx.array, vc: mx.array):
         a, w = self.args, self.weights
         emb, out = w.token_embd, w.output
-        inputs = ([token, pos] + fd._arrays(emb) + [w.output_norm] + fd._arrays(out)
+        inputs = ([token, pos] + self.embedding + [w.output_norm] + fd._arrays(out)
                   + [self.lnw, self.codes, self.scales, self.biases, self.woff, self.inv_freq,
                      kc, vc, self.scratch])
         template = [("DIM", a.dim), ("NL", a.n_layers), ("NH", a.n_heads),

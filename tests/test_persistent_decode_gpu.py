@@ -57,17 +57,17 @@ CACHES = [("fp16", {}), ("fp32", {}), ("turbo_kv_4b", {}),
 
 
 # Beyond Decoder's three: "rows16", the rows form with a split per 16 positions (ROW_KEYS is
-# 64): 2 at context 20, 38 at 600 (the default takes 10); "rowsheads", the rows form with
-# fd_attend a block per head and split, where float caches take fd_attend_group (a block per KV
-# head and split) by default (turbo_kv caches always take a block per head); "release", the
-# fused form with the release / acquire grid barrier
+# 64): 2 at context 20, 16 (the most a head without row_group) at 600, where the default takes
+# 10; "rowsgroup", the rows form's attention a block per KV head and split for its query heads
+# (fd_attend_group: float caches only), 38 splits at 600; "release", the fused form with the
+# release / acquire grid barrier
 STEPS = {"rows16": dict(form="rows", row_keys=16),
-         "rowsheads": dict(form="rows", row_group=False),
+         "rowsgroup": dict(form="rows", row_group=True, row_keys=16),
          "release": dict(form="fused", sync="release")}
 RUNS = [(kv, o, sync, ctx, cap) for kv, o in CACHES for ctx, cap in ((20, 256), (600, 1024))
         for sync in ("grid", "flags", "rows", *STEPS)
         if sync == "grid" or kv in ("fp16", "turbo_kv_4b") and not (
-            sync == "rowsheads" and kv.startswith("turbo"))]
+            sync == "rowsgroup" and kv.startswith("turbo"))]
 
 
 @pytest.mark.parametrize("kv, options, sync, ctx, capacity", RUNS,

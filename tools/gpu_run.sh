@@ -154,6 +154,25 @@ table)
     --contexts 128,1024,4096,8192 --llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf \
     --mlx-lm --json "$O/bench.json" > "$O/bench.txt" 2> "$O/bench.err"; tail -34 "$O/bench.txt"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final|check2|table"
+lean)  # one call: checks and the timer marks while llama.cpp builds, then a short same-run
+  # table (contexts 128 and 4096, no mlx-lm)
+  O=${OUT:-/tmp/out}; mkdir -p "$O"; B=/tmp/llamacpp/llama.cpp/build/bin/llama-bench
+  bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 100 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_persistent_decode_gpu.py -k "rows and not rows16" > "$O/t_persistent.log" 2>&1
+  tail -2 "$O/t_persistent.log"
+  timeout 60 python3 bench/decode_phases.py --weights quantized --persistent --no-host \
+    --forms rows --kv fp16,turbo_kv_4b --ctx 128,4096 --steps 16 > "$O/marks.txt" 2>&1
+  grep "^| [0-9]" "$O/marks.txt"
+  for i in $(seq 60); do [ -x "$B" ] && break; sleep 5; done
+  xz -dc .device/llamacpp-cuda/smollm2-135m-header.Q4_1.gguf.xz > /tmp/h.gguf
+  python3 .device/llamacpp-cuda/random_gguf.py /tmp/h.gguf /tmp/smollm2-random.gguf
+  nvidia-smi --query-gpu=name,clocks.max.sm,memory.total,driver_version --format=csv,noheader
+  timeout 200 python3 bench/decode_speed.py --weights quantized --steps 48 \
+    --modes mlx,mlx-persistent-rows --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,4096 \
+    --llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf --json "$O/bench.json" \
+    > "$O/bench.txt" 2> "$O/bench.err"; tail -24 "$O/bench.txt"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final|check2|table|lean"
    exit 2 ;;
 esac
