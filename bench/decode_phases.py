@@ -63,6 +63,9 @@ def phases(model, kv: str, ctx: int, steps: int, **decoder_options) -> dict:
                 tokens_s=steps / total)
 
 
+QUIET = 3  # steps between two the host reads the timer marks of (persistent_marks)
+
+
 def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
                      rows: dict | None = None, marks: bool = True) -> dict:
     """Inside the persistent kernel (``FD_TIMES``): microseconds per token of each kind of
@@ -104,6 +107,13 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     skew = arrive = 0.0
     late = {}  # block: how many steps it was the last at the first barrier
     for i in range(steps + 2 if marks else 0):
+        # the host reads the scratch (the marks) once every QUIET + 1 steps, so that the step
+        # it reads ran with no host access to the scratch since the last reading (MLX may keep
+        # it in managed memory, whose pages a host read would pull over, and the next step
+        # fault back)
+        for _ in range(QUIET):
+            y = dec(y)
+        mx.eval(y)
         y = dec(y)
         dec.check(y.item())
         if i < 2:

@@ -173,6 +173,13 @@ lean)  # one call: checks and the timer marks while llama.cpp builds, then a sho
     --llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf --json "$O/bench.json" \
     > "$O/bench.txt" 2> "$O/bench.err"; tail -24 "$O/bench.txt"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final|check2|table|lean"
+marks)  # the rows form's timer marks, the host reading them every fourth step
+  O=${OUT:-/tmp/out}; mkdir -p "$O"
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 80 python3 bench/decode_phases.py --weights quantized --persistent --no-host \
+    --forms rows --kv fp16,turbo_kv_4b --ctx 128,4096 --steps 12 > "$O/marks.txt" 2>&1
+  grep "^| [0-9]" "$O/marks.txt"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final|check2|table|lean|marks"
    exit 2 ;;
 esac
