@@ -185,14 +185,7 @@ class PersistentStep:
         self.lnw = mx.stack([mx.stack([lw.attn_norm, lw.ffn_norm]) for lw in w.layers])
         self.inv_freq = mx.array(fd._inv_freq(a, None if w.rope_freqs is None
                                               else np.array(w.rope_freqs)))
-        # The embedding, copied by the GPU: a token reads one row of it, and a row that lives
-        # in managed memory still on the host (MLX keeps arrays made from host data there)
-        # stalls the step on a page fault the first time a token reads it, 50-90 us on the
-        # H200 (decode_phases.py: the block writing the row arrived that late at the first
-        # barrier). Every other input is read whole at every step (resident after the first).
-        self.embedding = [x * 1 for x in fd._arrays(w.token_embd)]
-        mx.eval(self.codes, self.scales, self.biases, self.woff, self.lnw, self.inv_freq,
-                *self.embedding)
+        mx.eval(self.codes, self.scales, self.biases, self.woff, self.lnw, self.inv_freq)
         self.scratch = self._fresh_scratch()
         self.consts = (a.norm_eps, 1.0 / math.sqrt(a.head_dim))
 
@@ -215,13 +208,11 @@ class PersistentStep:
         return 5 * self.args.n_layers + 4
 
     def _fresh_scratch(self) -> mx.array:
-        # zero: the counters and the error flag. Made on the device (an MLX fill), not from
-        # NumPy: MLX keeps arrays made from host data in managed memory, whose pages migrate
-        # to the host when it reads them (the timer marks) and fault back on the kernel's next
-        # touch, tens of microseconds each
-        scratch = mx.zeros((self._offsets()[1],), mx.float32)
-        mx.eval(scratch)
-        return scratch
+        # from NumPy: exists without an evaluation; zero: the counters and the error flag.
+        # Nothing on the host reads it while decoding: a host read (marks(), for
+        # bench/decode_phases.py) cost the next step 50-90 us on the H200, as pages of managed
+        # memory moved to the host and faulted back (3 us without the read)
+        return mx.array(np.zeros(self._offsets()[1], np.float32))
 
     def marks(self) -> np.ndarray:
         """With ``times=True``, after an evaluated step: ns since the step's start at which
@@ -272,7 +263,7 @@ class PersistentStep:
     def _launch(self, token: mx.array, pos: mx.array, kc: mx.array, vc: mx.array):
         a, w = self.args, self.weights
         emb, out = w.token_embd, w.output
-        inputs = ([token, pos] + self.embedding + [w.output_norm] + fd._arrays(out)
+        inputs = ([token, pos] + fd._arrays(emb) + [w.output_norm] + fd._arrays(out)
                   + [self.lnw, self.codes, self.scales, self.biases, self.woff, self.inv_freq,
                      kc, vc, self.scratch])
         template = [("DIM", a.dim), ("NL", a.n_layers), ("NH", a.n_heads),
