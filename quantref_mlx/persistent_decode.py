@@ -11,7 +11,9 @@ launch, one evaluation, per token. Two ways to cut the work (``form``):
   every sum in the same order, so the logits are the fused step's bit for bit. 3 phases a
   layer (4 where the capacity splits a head's keys, and always for turbo_kv).
 - ``"rows"`` (:data:`FORM`, the default: faster at every context measured, 1.2-1.3x the fused
-  form on the H200, docs/benchmarks.md): attention as in the fused form's split, then every
+  form on the H200, docs/benchmarks.md): attention in the fused form's split form, but cut by
+  the context (a split a head per :data:`ROW_KEYS` positions, as many as give each (head,
+  split) a block: one round of the grid), the splits merged once a block; then every
   projection (Wo, gate|up, down) one output row per warp over the whole grid, each a phase of
   its own (5 a layer): all SMs work on each matrix, where the fused step splits it by columns
   among a few blocks and one block sums it. Its sums run in another order: logits within
