@@ -187,7 +187,13 @@ class PersistentStep:
         self.lnw = mx.stack([mx.stack([lw.attn_norm, lw.ffn_norm]) for lw in w.layers])
         self.inv_freq = mx.array(fd._inv_freq(a, None if w.rope_freqs is None
                                               else np.array(w.rope_freqs)))
-        mx.eval(self.codes, self.scales, self.biases, self.woff, self.lnw, self.inv_freq)
+        # The embedding, copied by the GPU, as the layers' matrices are above: a token reads one
+        # row of it, and a GGUF's arrays come from NumPy, which MLX keeps in managed memory
+        # that the host wrote; each row's first read would fault its page over. (Every other
+        # input is read whole at the first step.)
+        self.embedding = [x * 1 for x in fd._arrays(w.token_embd)]
+        mx.eval(self.codes, self.scales, self.biases, self.woff, self.lnw, self.inv_freq,
+                *self.embedding)
         self.scratch = self._fresh_scratch()
         self.consts = (a.norm_eps, 1.0 / math.sqrt(a.head_dim))
 
@@ -210,11 +216,13 @@ class PersistentStep:
         return 5 * self.args.n_layers + 4
 
     def _fresh_scratch(self) -> mx.array:
-        # from NumPy: exists without an evaluation; zero: the counters and the error flag.
-        # Nothing on the host reads it while decoding: a host read (marks(), for
-        # bench/decode_phases.py) cost the next step 50-90 us on the H200, as pages of managed
-        # memory moved to the host and faulted back (3 us without the read)
-        return mx.array(np.zeros(self._offsets()[1], np.float32))
+        # zero: the counters and the error flag; written by the GPU (an MLX fill). Nothing on
+        # the host reads it while decoding: a host read (marks(), for bench/decode_phases.py)
+        # cost the next step 50-90 us on the H200, the pages it touched moving to the host and
+        # faulting back (3 us without the read)
+        scratch = mx.zeros((self._offsets()[1],), mx.float32)
+        mx.eval(scratch)
+        return scratch
 
     def marks(self) -> np.ndarray:
         """With ``times=True``, after an evaluated step: ns since the step's start at which
@@ -265,7 +273,7 @@ class PersistentStep:
     def _launch(self, token: mx.array, pos: mx.array, kc: mx.array, vc: mx.array):
         a, w = self.args, self.weights
         emb, out = w.token_embd, w.output
-        inputs = ([token, pos] + fd._arrays(emb) + [w.output_norm] + fd._arrays(out)
+        inputs = ([token, pos] + self.embedding + [w.output_norm] + fd._arrays(out)
                   + [self.lnw, self.codes, self.scales, self.biases, self.woff, self.inv_freq,
                      kc, vc, self.scratch])
         template = [("DIM", a.dim), ("NL", a.n_layers), ("NH", a.n_heads),
