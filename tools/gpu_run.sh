@@ -180,6 +180,14 @@ marks)  # the rows form's timer marks, the host reading them every fourth step
     --forms rows --kv fp16,turbo_kv_4b --ctx 128,4096 --steps 12 > "$O/marks.txt" 2>&1
   grep "^| [0-9]" "$O/marks.txt"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final|check2|table|lean|marks"
+last)  # the persistent step's GPU tests that the lean call's limit cut, on the code as it stands
+  O=${OUT:-/tmp/out}; mkdir -p "$O"
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_persistent_decode_gpu.py -k "(turbo_kv_4b and (rows or grid)) or \
+    (turbo_kv_5b and grid) or outside or resident or sampled" > "$O/t_persistent.log" 2>&1
+  tail -3 "$O/t_persistent.log"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|session1|session2|check|final|check2|table|lean|marks|last"
    exit 2 ;;
 esac
