@@ -8,8 +8,9 @@ per kernel, on a chain of trivial custom kernels (CUDA only).
 
 ``--persistent`` adds the persistent step (``quantref_mlx.persistent_decode``): the same split of
 host and device time, then inside its one launch the time of each kind of phase (block 0 reads
-the GPU's global timer as it leaves each grid barrier), and the device's time per token with
-steps chained on the device (no host between them): what bounds the step.
+the GPU's global timer as it leaves each grid barrier; the host reads them every fourth step),
+and the time per token with steps chained in one evaluation: what bounds the step. Its steps
+advance the context: a row at ``--ctx`` N averages positions N to about N + 5 ``--steps``.
 
 Random weights of SmolLM2-135M's shapes (``--bits 4 --embed-bits 8``, as SmolLM2's Q4_1 file),
 ``Decoder`` as generation runs it: step n+1 built and started before token n is read back. The
@@ -85,9 +86,13 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     cache = model.make_cache(kv)
     logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
     mx.eval(logits, cache.state())
-    cache.reserve(max(256, 1 << (ctx + 2 * steps + 8).bit_length()))
+    # every step the run takes (the marks' 1 + QUIET a reading, the chained ones), so that the
+    # capacity, and with it the fused form's splits, stays one for the whole run
+    cache.reserve(max(256, 1 << (ctx + (steps + 2) * (QUIET + 1) + steps + 8).bit_length()))
     # sync: "grid", "release", "flags" (the fused form's), "rows" or "rows:release"
     how, _, barrier = sync.partition(":")
+    if barrier and how != "rows":
+        raise SystemExit(f"--forms: {sync!r}: only the rows form takes a barrier after ':'")
     form = (dict(sync=barrier or "grid", form="rows", **(rows or {})) if how == "rows"
             else dict(sync=how))
     dec = Decoder(model, cache, sampler, persistent=how if how != "release" else "grid")

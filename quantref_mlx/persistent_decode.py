@@ -161,12 +161,16 @@ class PersistentStep:
             raise ValueError("no CUDA device to size the persistent step's grid")
         row_keys = ROW_KEYS if row_keys is None else row_keys
         row_unroll = ROW_UNROLL if row_unroll is None else row_unroll
-        if row_keys < 0 or row_unroll < 1:
-            raise ValueError(f"row_keys must be 0 or more and row_unroll 1 or more, not "
+        if row_keys < 0 or not 1 <= row_unroll <= 16:
+            raise ValueError(f"row_keys must be 0 or more and row_unroll 1 to 16, not "
                              f"{row_keys}, {row_unroll}")
         self.warps, self.times, self.sync, self.form = warps, times, sync, form
         self.row_keys, self.row_unroll = row_keys, row_unroll
-        self.row_group = ROW_GROUP if row_group is None else bool(row_group)
+        # fd_attend_group: float caches, and its shared memory (warps x G x head_dim floats)
+        # within what persistent.cu gives it (GROUP there); else a block per head
+        a_ = model.args
+        self.row_group = (ROW_GROUP if row_group is None else bool(row_group)) and (
+            turbo is None and warps * (a_.n_heads // a_.n_kv_heads) * a_.head_dim <= 4096)
         self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
@@ -288,7 +292,7 @@ class PersistentStep:
         logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
                               self.times, self.sync == "flags", self.form == "rows",
                               self.row_keys, self.row_unroll, self.sync == "release",
-                              self.row_group)(
+                              self.row_group, ROW_MAX_SPLITS)(
             inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
             output_dtypes=[mx.float32, mx.int32],
             grid=(self.blocks * self.warps * fd.WARP, 1, 1),
@@ -306,7 +310,8 @@ class PersistentStep:
 def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool,
             turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False,
             rows: bool = False, row_keys: int = ROW_KEYS, row_unroll: int = ROW_UNROLL,
-            acqrel: bool = False, row_group: bool = ROW_GROUP):
+            acqrel: bool = False, row_group: bool = ROW_GROUP,
+            row_max_splits: int = ROW_MAX_SPLITS):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -324,7 +329,7 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_FLAGS {int(flags)}\n#define FD_ROWS {int(rows)}\n"
               + f"#define FD_ROW_KEYS {int(row_keys)}\n#define FD_ROW_UNROLL {int(row_unroll)}\n"
               + f"#define FD_ACQREL {int(acqrel)}\n#define FD_ROW_GROUP {int(row_group)}\n"
-              + f"#define FD_ROW_MAX_SPLITS {ROW_MAX_SPLITS}\n"
+              + f"#define FD_ROW_MAX_SPLITS {row_max_splits}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

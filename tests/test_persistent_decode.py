@@ -50,3 +50,14 @@ def test_supported_says_why_not_where_there_is_no_cuda_gpu(model):
     assert "prefill" in pd.supported(model, cache)  # the step decodes after a prefill
     mx.eval(model.forward([1, 2], cache, last_only=True), cache.state())
     assert "CUDA" in pd.supported(model, cache)
+
+
+def test_row_group_is_taken_only_where_the_kernel_takes_it(model):
+    """fd_attend_group reads float caches: a turbo_kv cache's step records a block per head,
+    as its kernel runs (the benches label their rows from this)."""
+    from quantref_mlx.fused_decode import TurboSpec
+
+    assert pd.PersistentStep(model, blocks=132, row_group=True).row_group
+    turbo = TurboSpec.of(model.make_cache("turbo_kv_4b"))
+    assert turbo is not None
+    assert not pd.PersistentStep(model, turbo, blocks=132, row_group=True).row_group

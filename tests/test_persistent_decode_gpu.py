@@ -56,12 +56,14 @@ CACHES = [("fp16", {}), ("fp32", {}), ("turbo_kv_4b", {}),
           ("turbo_kv_3b", dict(score_path="fp32_codebook", v="fp32"))]
 
 
-# Beyond Decoder's three: "rows16", the rows form with a split per 16 positions (ROW_KEYS is
-# 64): 2 at context 20, 16 (the most a head without row_group) at 600, where the default takes
-# 10; "rowsgroup", the rows form's attention a block per KV head and split for its query heads
+# Beyond Decoder's three (this model: 3 heads, 1 KV head; 132 blocks on the H200, so at most
+# 44 splits a head, one round of the grid): "rows16", the rows form with a split per 16
+# positions (ROW_KEYS is 64): 2 at context 20, 38 at 600 (the default takes 10); "rows8": 3 at
+# 20, and at 600 the most, 44, of 14 positions each, the last empty (43 x 14 > 600);
+# "rowsgroup", its attention a block per KV head and split for the KV head's query heads
 # (fd_attend_group: float caches only), 38 splits at 600; "release", the fused form with the
 # release / acquire grid barrier
-STEPS = {"rows16": dict(form="rows", row_keys=16),
+STEPS = {"rows16": dict(form="rows", row_keys=16), "rows8": dict(form="rows", row_keys=8),
          "rowsgroup": dict(form="rows", row_group=True, row_keys=16),
          "release": dict(form="fused", sync="release")}
 RUNS = [(kv, o, sync, ctx, cap) for kv, o in CACHES for ctx, cap in ((20, 256), (600, 1024))

@@ -55,7 +55,8 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     constexpr int OFF_XB = OFF_XA + DIM;                   /* ... and after attention */
     constexpr int OFF_Q = OFF_XB + DIM;
     constexpr int OFF_KV = OFF_Q + Q_ROWS;                 /* in the cache's dtype */
-    constexpr int MAXS = FD_MAX_SPLITS > FD_ROW_MAX_SPLITS ? FD_MAX_SPLITS : FD_ROW_MAX_SPLITS;
+    static_assert(FD_ROW_MAX_SPLITS >= FD_MAX_SPLITS, "the rows form merges the fused form's S");
+    constexpr int MAXS = FD_ROW_MAX_SPLITS;
     constexpr int OFF_SPLITS = OFF_KV + KV_ROWS;           /* NH * MAXS * (HD + 2) */
     constexpr int OFF_BEST = OFF_SPLITS + ((NH * MAXS * (HD + 2) + 3) / 4) * 4;
 #if FD_TURBO
