@@ -168,9 +168,8 @@ class PersistentStep:
         self.row_keys, self.row_unroll = row_keys, row_unroll
         # fd_attend_group: float caches, and its shared memory (warps x G x head_dim floats)
         # within what persistent.cu gives it (GROUP there); else a block per head
-        a_ = model.args
         self.row_group = (ROW_GROUP if row_group is None else bool(row_group)) and (
-            turbo is None and warps * (a_.n_heads // a_.n_kv_heads) * a_.head_dim <= 4096)
+            turbo is None and warps * (a.n_heads // a.n_kv_heads) * a.head_dim <= 4096)
         self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
