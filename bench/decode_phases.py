@@ -24,6 +24,7 @@ import argparse
 import time
 
 import mlx.core as mx
+import numpy as np
 
 from _common import machine
 
@@ -39,12 +40,18 @@ def phases(model, kv: str, ctx: int, steps: int, **decoder_options) -> dict:
     cache = model.make_cache(kv)
     logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
     mx.eval(logits, cache.state())
-    cache.reserve(max(STEP, 1 << (ctx + steps + 4).bit_length()))
+    cache.reserve(max(STEP, 1 << (ctx + steps + 24).bit_length()))
     decoder = Decoder(model, cache, sampler, **decoder_options)
     y = sampler(logits)
-    for _ in range(3):  # warm-up: the first compiled call traces
+    # a persistent step of K tokens a launch: whole launches, warm-up and timed
+    k = decoder.persistent.steps if decoder.persistent is not None else 1
+    steps = -(-steps // k) * k
+    for _ in range(max(3, k)):  # warm-up: the first compiled call traces
         y = decoder(y)
         y.item()
+    if k > 1:  # as bench/decode_speed.py's timed_decode: whole launches from a new start
+        mx.synchronize()
+        y = mx.array(np.array(y))
     build = encode = wait = 0.0
     start = time.perf_counter()
     for _ in range(steps):
@@ -75,7 +82,6 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     (each step's token feeds the next; one evaluation at the end: no host in between).
     ``rows``: the rows form's options (``PersistentStep``'s ``row_keys``, ``row_unroll``);
     ``marks=False``: the chained time only (one kernel compiled, not two)."""
-    import numpy as np
 
     from quantref.generate import SamplerArgs
     from quantref_mlx import fused_decode as fd

@@ -33,7 +33,8 @@ import numpy as np
 from _common import machine  # bench/ is the script's folder, so on sys.path
 
 MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-persistent",
-         "mlx-persistent-flags", "mlx-persistent-rows", "mlx-op", "mlx-prefill-plain")
+         "mlx-persistent-flags", "mlx-persistent-rows", "mlx-persistent-rows8", "mlx-op",
+         "mlx-prefill-plain")
 # mlx: lazy, one evaluation per token, as generation runs it (quantref_mlx.generate.Decoder's
 #   defaults: on CUDA with an fp32/fp16 cache the fused-kernel step, compiled; turbo_kv caches
 #   on a GPU the plain graph, compiled; otherwise the plain graph);
@@ -43,6 +44,8 @@ MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-per
 # mlx-persistent: lazy, the whole token in one launch (quantref_mlx.persistent_decode), its
 #   phases ending at grid barriers; mlx-persistent-flags: the same, phases ending on flags;
 #   mlx-persistent-rows: every projection one row per warp over the grid (persistent.cu);
+#   mlx-persistent-rows8: the rows form, 8 greedy tokens a launch (Decoder(steps=8)), the
+#   kernel feeding its own argmax back in;
 # mlx-op: an evaluation after every operation (the per-op-sync pattern, --sync-every-op);
 # mlx-prefill-plain: as mlx, but a turbo_kv cache's prefill attention runs the plain graph
 #   instead of its CUDA kernel (quantref_mlx.turbo_prefill, which mlx uses on CUDA): the
@@ -52,7 +55,8 @@ DECODER = {"mlx": {}, "mlx-prefill-plain": {}, "mlx-plain": dict(compiled=False,
            "mlx-fused-eager": dict(compiled=False, fused=True),
            "mlx-persistent": dict(persistent="grid"),
            "mlx-persistent-flags": dict(persistent="flags"),
-           "mlx-persistent-rows": dict(persistent="rows"), "mlx-op": dict(fused=False)}
+           "mlx-persistent-rows": dict(persistent="rows"),
+           "mlx-persistent-rows8": dict(persistent="rows", steps=8), "mlx-op": dict(fused=False)}
 DEFAULT_MODES = ("numpy", "mlx", "mlx-plain", "mlx-op")
 
 
@@ -119,12 +123,20 @@ def run_numpy(model, kv, ctx, steps, chunk):
 def timed_decode(step, y, steps: int) -> float:
     """Decode tokens/s of ``step(token) -> next token`` (lazy), as generation runs it: two
     untimed warm-up steps (the first compiled call traces), then step n+1 built and started
-    before token n is read back."""
+    before token n is read back. A persistent step that decodes K tokens a launch (and queues
+    the next launch behind the current one): K warm-up steps, then the timed steps start from
+    a token of the host's (a new launch, nothing queued ahead) and are a multiple of K, so
+    that the time holds whole launches, each launch's GPU time in it."""
     import mlx.core as mx
 
-    for _ in range(2):
+    k = getattr(getattr(step, "persistent", None), "steps", 1)
+    steps = -(-steps // k) * k
+    for _ in range(max(2, k)):
         y = step(y)
         y.item()
+    if k > 1:
+        mx.synchronize()  # what was queued ahead, done before the clock starts
+        y = mx.array(np.array(y))  # not the token handed out: a new launch from it
     t = time.perf_counter()
     for _ in range(steps):
         nxt = step(y)
@@ -167,7 +179,7 @@ def _run_mlx(model, kv, ctx, steps, chunk, decoder_options):
     prefill = ctx / (time.perf_counter() - t)
     # The capacity the whole run needs, reserved as a compiled decoder would reserve it: the
     # buffers must not grow (nor a compiled step retrace, ~tens of ms) inside the timed loop.
-    need = ctx + 2 + steps + 1
+    need = ctx + steps + 24  # the warm-up, and a persistent launch's 8 tokens ahead, each way
     cache.reserve(max(STEP, 1 << (need - 1).bit_length()))
     decoder = Decoder(model, cache, sampler, **decoder_options)
     return prefill, timed_decode(decoder, sampler(logits), steps)

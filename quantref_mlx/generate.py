@@ -196,12 +196,19 @@ class Decoder:
     (:data:`~quantref_mlx.persistent_decode.FORM`, rows); ``"grid"`` / ``"flags"`` the fused
     form (the fused step's kernels as they are, its logits bit for bit), phases ending at grid
     barriers / on flags; ``"rows"`` the rows form; ``None``: wherever it runs
-    (:func:`quantref_mlx.persistent_decode.supported`).
+    (:func:`quantref_mlx.persistent_decode.supported`). ``steps`` > 1 with a greedy sampler:
+    each launch decodes ``steps`` tokens, the kernel feeding its own argmax back in, and calls
+    hand them out one by one (the same tokens and logits as one launch a token, bit for bit); a
+    call with any other token than the one handed out starts a new launch from it. Measured no
+    faster on the H200 (docs/benchmarks.md section 3: reading a launch's first token waits for
+    all of them, so the next launch cannot be queued behind it), hence 1 by default; other
+    samplers always 1. With turbo_kv caches or the fused form the looping kernel needs more
+    registers than 16 warps a block may have (8 then, ``PersistentStep._probe``).
     """
 
     def __init__(self, model: "Model", cache: "KVCache", sampler: SamplerFn,
                  compiled: bool | None = None, fused: bool | None = None,
-                 persistent: bool | str | None = False):
+                 persistent: bool | str | None = False, steps: int = 1):
         from .cache import StepCache, TurboKeyCodec
         from .model import on_gpu
 
@@ -219,11 +226,17 @@ class Decoder:
                     "rows": {"form": "rows", "sync": "grid"}}
             if isinstance(persistent, str) and persistent not in kind:
                 raise ValueError(f"persistent must be a bool, None, or one of {sorted(kind)}")
-            self.persistent = PersistentStep(model, TurboSpec.of(cache), **(
+            # a greedy sampler: the kernel's own argmax, STEPS tokens a launch
+            if not getattr(sampler, "greedy", False):
+                steps = 1  # the host's sampler picks each token
+            self.persistent = PersistentStep(model, TurboSpec.of(cache), steps=steps, **(
                 kind[persistent] if isinstance(persistent, str) else {}))
             self._whole = None  # (kc, vc): the cache's buffers, whole-model
             self._pos = None
-            self._next = None  # the last step's (token view, next int32 [4])
+            self._next = None  # the last call's (token view, next int32 [4 + steps], logits)
+            # steps > 1: the launch handing out tokens (next, logits, tokens handed out, the
+            # cache length then), and the one queued behind it
+            self._launch = self._ahead = None
             return
         why_not = supported(model, cache)
         if why_not is None and fused is not False:  # every kernel launches on this GPU
@@ -291,12 +304,25 @@ class Decoder:
 
 
     def _persistent_step(self, token: mx.array) -> mx.array:
-        """One launch (:mod:`quantref_mlx.persistent_decode`): the cache's per-layer buffers
-        are stacked into whole-model ones once per capacity (the cache keeps views of them),
-        the position advances on the device, and with a greedy sampler the token never leaves
-        the device: the kernel's own argmax feeds the next step."""
+        """One launch (:mod:`quantref_mlx.persistent_decode`) for ``steps`` tokens: the cache's
+        per-layer buffers are stacked into whole-model ones once per capacity (the cache keeps
+        views of them), the position advances on the device, and with a greedy sampler the
+        token never leaves the device: the kernel's own argmax feeds the next step, inside the
+        launch (``steps`` > 1) and into the next launch. A call whose ``token`` is the token
+        the last call handed out gets the launch's next one, already computed; any other token
+        starts a new launch from it. With ``steps`` > 1 the next launch is queued behind the
+        current one as soon as its second token is handed out (reading the first waits for the
+        whole launch, and the GPU would sit idle until the host got round to the next)."""
         cache, step = self.cache, self.persistent
-        need = cache.length + 1
+        cur = self._launch
+        if cur is not None and self._next is not None and token is self._next[0] \
+                and cur[3] == cache.length:
+            if cur[2] == step.steps and self._ahead is not None:
+                cur, self._ahead = self._ahead, None  # the launch queued behind: its first
+            if cur[2] < step.steps:  # a token this launch has already decoded
+                return self._hand_out(cur)
+        self._ahead = None  # a new start: whatever was queued ahead decoded in vain
+        need = cache.length + 2 * step.steps  # this launch and, with steps > 1, the next
         if self._whole is None or cache.capacity < need:
             cache.reserve(max(STEP, 1 << (need - 1).bit_length()))  # geometric: few restacks
             k, v = cache.take_buffers()
@@ -310,21 +336,47 @@ class Decoder:
             self._pos = None
         if self._pos is None or self._pos[1] != cache.length:
             self._pos = (position(cache.length), cache.length)
-            self._one = position(1)
+            self._advance = position(step.steps)
         greedy_here = getattr(self.sampler, "greedy", False)
         if greedy_here and self._next is not None and token is self._next[0]:
-            token = self._next[1]  # the kernel's own int32 [4], whose [0] is this token
+            token = self._next[1]  # the kernel's own int32 [4 + steps], whose [0] is this token
         else:
             token = mx.concatenate([token.reshape(-1).astype(mx.int32), mx.zeros((3,), mx.int32)])
+        if step.steps > 1:
+            return self._hand_out(self._launch_from(token))
         nxt, logits = step(token, self._pos[0], *self._whole)
-        self._pos = (self._pos[0] + self._one, cache.length + 1)
+        self._pos = (self._pos[0] + self._advance, cache.length + 1)
         cache.give_buffers(*cache.take_buffers(), 1)
         if greedy_here:
-            y = nxt[:1]
+            y = nxt[4:5]
         else:  # the sampler's token, or -1 where the kernel failed (its logits are garbage)
             y = mx.where(nxt[1:2] == 0, self.sampler(logits.reshape(1, -1)).reshape(-1)
                          .astype(mx.int32), -1)
         self._next = (y, nxt, logits)
+        return y
+
+    def _launch_from(self, token: mx.array) -> tuple:
+        """A launch of ``steps`` greedy tokens from ``token`` (int32 [4 + ...], the id in [0])
+        at the device position ``self._pos``: (next, logits, tokens handed out, the cache length
+        before its next hand-out); the position advances by ``steps``."""
+        step = self.persistent
+        nxt, logits = step(token, self._pos[0], *self._whole)
+        at = self._pos[1]
+        self._pos = (self._pos[0] + self._advance, at + step.steps)
+        return (nxt, logits, 0, at)
+
+    def _hand_out(self, launch: tuple) -> mx.array:
+        """The next token of ``launch`` (already decoded, its keys and values in the cache):
+        the cache grows by one; the launch after it is queued once this is its second."""
+        cache, step = self.cache, self.persistent
+        nxt, logits, i, at = launch
+        y = nxt[4 + i:5 + i]
+        self._launch = (nxt, logits, i + 1, at + 1)
+        cache.give_buffers(*cache.take_buffers(), 1)
+        self._next = (y, nxt, logits[i])
+        if i == 1 and self._ahead is None and cache.capacity >= at + 2 * step.steps - 1 \
+                and self._pos[1] == at - 1 + step.steps:
+            self._ahead = self._launch_from(nxt)  # chained on the device: its [0] is the last
         return y
 
     def check(self, token: int) -> int:
@@ -333,6 +385,7 @@ class Decoder:
         failed (it returns -1 then, and says why)."""
         if token < 0 and self.persistent is not None:
             code = int(self._next[1][1].item()) if self._next is not None else 0
+            self._launch = self._ahead = None  # nothing queued behind a failed launch counts
             raise self.persistent.error(code)
         return token
 

@@ -21,6 +21,8 @@ launch, one evaluation, per token. Two ways to cut the work (``form``):
   codebook boundary may take the neighbouring index), not bit for bit.
 
 The greedy token is ``argmax``'s (the first index of the largest logit), computed in the kernel.
+``steps`` > 1 (greedy decoding): one launch decodes that many tokens, each step's argmax the
+next step's input (measured no faster than one a launch: docs/benchmarks.md section 3).
 
 Never a hang: a barrier that waits longer than :data:`WAIT_NS` (a block that never started,
 because something else held an SM) sets an error flag in the step's scratch, every block
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from .cache import KVCache
     from .model import Model
 
-__all__ = ["DecodeKernelError", "PersistentStep", "WAIT_NS", "sm_count", "supported"]
+__all__ = ["DecodeKernelError", "PersistentStep", "STEPS", "WAIT_NS", "sm_count", "supported"]
 
 WARPS = 16  # warps per block: the fused attention's (fd_attend's order of sums), 8 where the
 # machine's compiler needs more than 128 registers a thread (PersistentStep._probe)
@@ -79,6 +81,10 @@ ROW_UNROLL = 4  # the rows form's attention: keys a warp loads at once (the fuse
 # query heads together (fd_attend_group: each key read once for them), not per (head, split)
 ROW_GROUP = False  # measured (docs/benchmarks.md): faster at 8k, slower at 128-4k
 ROW_MAX_SPLITS = 48  # the rows form's splits a head at most (the scratch's room)
+# Greedy tokens a launch that Decoder(steps=STEPS) and bench/decode_speed.py's
+# mlx-persistent-rows8 ask for (Decoder's default is 1: measured no faster, docs/benchmarks.md
+# section 3). A generation that stops mid-launch has computed up to STEPS - 1 unused tokens.
+STEPS = 8
 
 REASONS = {1: f"a grid barrier waited longer than {WAIT_NS / 1e9:g} s: not every block of the "
               "launch was resident (another kernel or process holding SMs?)",
@@ -137,19 +143,22 @@ def supported(model: "Model", cache: "KVCache") -> str | None:
 
 
 class PersistentStep:
-    """``step(token int32 [4], pos int32 [4], kc, vc) -> (next int32 [4], logits float32
-    [vocab])``: one decoded token as one launch (lazy; builds the graph only). ``token[0]``:
-    the input id (the last step's ``next``); ``pos[0]``: its position; ``kc``, ``vc``: the
-    whole-model cache buffers ``[n_layers, n_kv_heads, capacity, head_dim]``, float32 or
-    float16, or with ``turbo`` (:meth:`TurboSpec.of` the cache) turbo_kv blocks ``[n_layers,
-    n_kv_heads, capacity, n_chunks, block_bytes]`` and the values' storage, which the kernel
-    writes in place (the caller owns them). ``next[0]``: the greedy
-    token, or -1 with the reason in ``next[1]`` (:meth:`error`)."""
+    """``step(token int32 [4], pos int32 [4], kc, vc) -> (next int32 [4 + steps], logits
+    float32 [vocab], or [steps, vocab])``: ``steps`` greedily decoded tokens as one launch
+    (lazy; builds the graph only). ``token[0]``: the input id (the last launch's ``next``);
+    ``pos[0]``: its position (``pos[0] + steps <= capacity``); ``kc``, ``vc``: the whole-model
+    cache buffers ``[n_layers, n_kv_heads, capacity, head_dim]``, float32 or float16, or with
+    ``turbo`` (:meth:`TurboSpec.of` the cache) turbo_kv blocks ``[n_layers, n_kv_heads,
+    capacity, n_chunks, block_bytes]`` and the values' storage, which the kernel writes in
+    place (the caller owns them), positions ``pos[0] .. pos[0] + steps - 1``. ``next[4 + s]``:
+    the greedy token after step ``s`` (step ``s > 0`` reads step ``s - 1``'s as its input),
+    ``next[0]`` the last; or ``next[0]`` -1 with the reason in ``next[1]`` (:meth:`error`)."""
 
     def __init__(self, model: "Model", turbo: "fd.TurboSpec | None" = None,
                  blocks: int | None = None, warps: int = WARPS, times: bool = False,
                  sync: str = SYNC, form: str = FORM, row_keys: int | None = None,
-                 row_unroll: int | None = None, row_group: bool | None = None):
+                 row_unroll: int | None = None, row_group: bool | None = None,
+                 steps: int = 1):
         if sync not in ("grid", "release", "flags"):
             raise ValueError(f"sync must be 'grid', 'release' or 'flags', not {sync!r}")
         if form not in ("fused", "rows"):
@@ -164,6 +173,9 @@ class PersistentStep:
         if row_keys < 0 or not 1 <= row_unroll <= 16:
             raise ValueError(f"row_keys must be 0 or more and row_unroll 1 to 16, not "
                              f"{row_keys}, {row_unroll}")
+        if not 1 <= steps <= 64 or (times and steps > 1):
+            raise ValueError(f"steps must be 1 to 64 (1 with times=True), not {steps}")
+        self.steps = steps
         self.warps, self.times, self.sync, self.form = warps, times, sync, form
         self.row_keys, self.row_unroll = row_keys, row_unroll
         # fd_attend_group: float caches, and its shared memory (warps x G x head_dim floats)
@@ -291,8 +303,10 @@ class PersistentStep:
         logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
                               self.times, self.sync == "flags", self.form == "rows",
                               self.row_keys, self.row_unroll, self.sync == "release",
-                              self.row_group, ROW_MAX_SPLITS)(
-            inputs=inputs, template=template, output_shapes=[(vocab,), (4,)],
+                              self.row_group, ROW_MAX_SPLITS, self.steps)(
+            inputs=inputs, template=template,
+            output_shapes=[(vocab,) if self.steps == 1 else (self.steps, vocab),
+                           (4 + self.steps,)],
             output_dtypes=[mx.float32, mx.int32],
             grid=(self.blocks * self.warps * fd.WARP, 1, 1),
             threadgroup=(self.warps * fd.WARP, 1, 1))
@@ -310,7 +324,7 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
             turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False,
             rows: bool = False, row_keys: int = ROW_KEYS, row_unroll: int = ROW_UNROLL,
             acqrel: bool = False, row_group: bool = ROW_GROUP,
-            row_max_splits: int = ROW_MAX_SPLITS):
+            row_max_splits: int = ROW_MAX_SPLITS, steps: int = 1):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -328,7 +342,7 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_FLAGS {int(flags)}\n#define FD_ROWS {int(rows)}\n"
               + f"#define FD_ROW_KEYS {int(row_keys)}\n#define FD_ROW_UNROLL {int(row_unroll)}\n"
               + f"#define FD_ACQREL {int(acqrel)}\n#define FD_ROW_GROUP {int(row_group)}\n"
-              + f"#define FD_ROW_MAX_SPLITS {row_max_splits}\n"
+              + f"#define FD_ROW_MAX_SPLITS {row_max_splits}\n#define FD_STEPS {int(steps)}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

@@ -35,16 +35,23 @@ import numpy as np
 from . import kernels
 from .fused_decode import TurboSpec
 
-__all__ = ["NW", "QUANTIZE", "QUERIES", "ROWS", "USE", "attend", "available", "quantize",
-           "why_not"]
+__all__ = ["MAX_WARPS", "NW", "PER_WARP", "QUANTIZE", "QUERIES", "ROWS", "USE", "attend",
+           "available", "quantize", "why_not"]
 
 USE: bool | None = None  # None: on CUDA; False: never; True: always (nvrtc_check's recording)
-NW = 4  # warps per block: the block's queries are split among them
-# Queries a block takes (rows x the heads of one KV head), at most: more queries per decoded key
-# tile, but fewer blocks (a chunk of 512 rows, 3 KV heads: 156 blocks at 32 queries of 3 heads).
-# At most 8 per warp below head_dim 128 (registers: 8 * DPL accumulators each).
-QUERIES = 32
-ROWS: int | None = None  # rows per block, forced (for tuning on the GPU); None: _rows decides
+# A block's shape (turbo_prefill_attend.cu's TQ rows and NW warps; its queries are the rows times
+# the heads of one KV head, PER_WARP a warp): at least QUERIES queries, so that each key tile a
+# block decodes serves that many; and, where the device's SM count is known, enough rows that
+# the grid is at most one block an SM (one round: 156 blocks on 132 SMs had taken two, or shared
+# an SM, the slowest block setting the time). Measured on the H200, chunks of 512
+# (bench/prefill_speed.py, docs/benchmarks.md section 3).
+QUERIES = 30
+PER_WARP = 2  # queries a warp: 2 accumulators of head_dim / 32 floats each
+# Warps a block at most: 24 (768 threads, at most 85 registers each) up to head_dim 64, whose
+# kernels take 47-80 (tools/nvrtc_check.py --resources); 16 (512 threads, 128 registers) above.
+MAX_WARPS = {True: 24, False: 16}
+ROWS: int | None = None  # rows a block, forced (tuning, tests); None: _shape decides
+NW: int | None = None    # warps a block, forced; None: _shape decides
 WARP = 32
 SMEM = 46 * 1024  # static shared memory a block may take (48 KiB, some left for the compiler)
 # A chunk's keys quantized a warp per 128-element chunk (turbo_prefill_quantize.cu) instead of
@@ -52,27 +59,44 @@ SMEM = 46 * 1024  # static shared memory a block may take (48 KiB, some left for
 QUANTIZE = True
 
 
-def _smem(rows: int, g: int, hd: int, nlev: int, qwin: bool) -> int:
-    """Bytes of static shared memory of a block of ``rows`` rows (the kernel's arrays)."""
+def _smem(rows: int, g: int, hd: int, nlev: int, qwin: bool, nw: int) -> int:
+    """Bytes of static shared memory of a block of ``rows`` rows and ``nw`` warps (the
+    kernel's arrays; VS, its tile of values, at head_dim 64 or less)."""
     nq = rows * g
-    qw = -(-nq // NW)
+    qw = -(-nq // nw)
     return 4 * (nq * hd * (2 if qwin else 1) + (4 if not qwin else 0) + hd * (WARP + 1)
-                + NW * qw * WARP + nlev)
+                + nw * qw * WARP + nlev + (WARP * hd if hd <= 64 else 4))
 
 
-def _rows(g: int, hd: int, spec: TurboSpec) -> int:
-    """Rows per block (TQ): ``QUERIES`` queries (fewer per warp at larger heads: each lane keeps
-    ``head_dim / 32`` accumulators a query), within the shared memory."""
+@lru_cache(maxsize=None)
+def _sm_count() -> int | None:
+    from .persistent_decode import sm_count
+
+    return sm_count()
+
+
+def _shape(T: int, nkv: int, g: int, hd: int, spec: TurboSpec) -> tuple[int, int]:
+    """(rows, warps) of a block for a chunk of ``T`` rows and ``nkv`` KV heads of ``g`` query
+    heads each (``QUERIES``, ``PER_WARP``), within ``MAX_WARPS`` and ``SMEM``; ``ROWS`` and
+    ``NW`` force them."""
+    most = MAX_WARPS[hd <= 64]
     if ROWS:
-        return ROWS
-    dpl = hd // WARP
-    nq = min(QUERIES, NW * max(1, 16 // dpl))
-    rows = max(1, nq // g)
+        rows = ROWS
+    else:
+        rows = -(-QUERIES // g)
+        sms = _sm_count()
+        if sms:
+            rows = max(rows, -(-nkv * T // sms))  # one block an SM at most
+        rows = max(1, min(rows, T, most * PER_WARP // g))
     qwin = bool(spec.window) and spec.path != "dequant"
     nlev = dict(spec.template(hd))["NLEV"]
-    while rows > 1 and _smem(rows, g, hd, nlev, qwin) > SMEM:
+
+    def warps(r: int) -> int:
+        return NW or min(most, -(-r * g // PER_WARP))
+
+    while rows > 1 and _smem(rows, g, hd, nlev, qwin, warps(rows)) > SMEM:
         rows -= 1
-    return rows
+    return rows, warps(rows)
 
 
 def available() -> bool:
@@ -152,14 +176,14 @@ def attend(q: mx.array, kbuf: mx.array, vbuf: mx.array, offset: int, spec: Turbo
     pos = mx.array(np.array([offset, nx, 0, 0], np.int32))
     inputs = [q.astype(mx.float32), kbuf, vbuf] \
         + ([kw.astype(mx.float32)] if spec.window else []) + [pos]
-    rows = _rows(nh // nkv, hd, spec)
-    template = [("NH", nh), ("NKV", nkv), ("HD", hd), ("DPL", hd // WARP), ("NW", NW),
+    rows, nw = _shape(T, nkv, nh // nkv, hd, spec)
+    template = [("NH", nh), ("NKV", nkv), ("HD", hd), ("DPL", hd // WARP), ("NW", nw),
                 ("TQ", rows)] + spec.template(hd) + [("SWIN", int(sliding_window))]
     outs = _kernel(spec, float(scale), scores)(
         inputs=inputs, template=template,
         output_shapes=[(T, nh * hd)] + ([(nh, T, cap)] if scores else []),
         output_dtypes=[mx.float32] * (2 if scores else 1),
-        grid=(nkv * -(-T // rows) * NW * WARP, 1, 1), threadgroup=(NW * WARP, 1, 1),
+        grid=(nkv * -(-T // rows) * nw * WARP, 1, 1), threadgroup=(nw * WARP, 1, 1),
         **({"init_value": 0.0} if scores else {}))
     return (outs[0], outs[1]) if scores else outs[0]
 

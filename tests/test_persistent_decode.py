@@ -4,6 +4,7 @@ construction, and where no CUDA GPU is, ``supported`` says why instead of a laun
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from quantref.testing import random_model
@@ -22,7 +23,8 @@ def model():
 
 @pytest.mark.parametrize("options, field", [
     (dict(sync="barrier"), "sync"), (dict(form="columns"), "form"),
-    (dict(row_keys=-1), "row_keys"), (dict(row_unroll=0), "row_unroll")])
+    (dict(row_keys=-1), "row_keys"), (dict(row_unroll=0), "row_unroll"),
+    (dict(steps=0), "steps"), (dict(steps=65), "steps"), (dict(steps=2, times=True), "steps")])
 def test_a_bad_option_is_a_value_error_naming_it(model, options, field):
     with pytest.raises(ValueError, match=field):
         pd.PersistentStep(model, blocks=132, **options)  # 132: no GPU asked for its SMs
@@ -61,3 +63,76 @@ def test_row_group_is_taken_only_where_the_kernel_takes_it(model):
     turbo = TurboSpec.of(model.make_cache("turbo_kv_4b"))
     assert turbo is not None
     assert not pd.PersistentStep(model, turbo, blocks=132, row_group=True).row_group
+
+
+class _FakeStep:
+    """Stands in for PersistentStep on any machine (Decoder's bookkeeping, not the kernel): a
+    launch of ``steps`` greedy tokens where each token's successor is ``f(token, position)``;
+    records each launch's position."""
+
+    launches: list = []
+
+    def __init__(self, model, turbo=None, steps=1, **options):
+        self.steps, self.vocab = steps, model.args.vocab_size
+        self.form, self.sync = options.get("form", "rows"), options.get("sync", "grid")
+        _FakeStep.launches = []
+
+    def __call__(self, token, pos, kc, vc):
+        import mlx.core as mx
+
+        self.launches.append(pos)
+        t, tokens = token[0], []
+        for s in range(self.steps):
+            t = f(t, pos[0] + s, self.vocab)
+            tokens.append(t)
+        nxt = mx.concatenate([mx.stack([tokens[-1], mx.array(0, mx.int32)]),
+                              mx.zeros((2,), mx.int32), mx.stack(tokens)]).astype(mx.int32)
+        logits = mx.stack([mx.arange(self.vocab) == x for x in tokens]).astype(mx.float32)
+        return nxt, logits if self.steps > 1 else logits[0]
+
+
+def f(token, position, vocab):
+    return (token * 7 + position + 3) % vocab
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_decoder_hands_out_a_launchs_tokens_in_order_and_queues_the_next(model, monkeypatch,
+                                                                          steps):
+    """Decoder(persistent=True, steps=K) with a greedy sampler: the tokens, one a call, are the
+    chain token -> f(token, position) whatever K; a launch every K calls, each at the position
+    the last left off, and with K > 1 the next one queued behind it at its second token; a token
+    of the caller's own mid-launch starts a new launch from it at the cache's length."""
+    import importlib
+
+    import mlx.core as mx
+
+    generate = importlib.import_module("quantref_mlx.generate")  # the module, not its function
+    monkeypatch.setattr(generate, "persistent_supported", lambda model, cache: None)
+    monkeypatch.setattr(generate, "PersistentStep", _FakeStep)
+    vocab = model.args.vocab_size
+    cache = model.make_cache("fp16")
+    mx.eval(model.forward([1, 2, 3, 4, 5], cache, last_only=True), cache.state())
+    dec = generate.Decoder(model, cache, generate.greedy, persistent=True, steps=steps)
+    assert dec.persistent.steps == steps
+    y, want, t = mx.array([9], mx.uint32), [], 9
+    for n in range(14):
+        t = f(t, 5 + n, vocab)
+        want.append(t)
+    got = []
+    for _ in range(14):
+        y = dec(y)
+        got.append(dec.check(y.item()))
+    assert got == want and cache.length == 19
+    starts = [int(np.array(p)[0]) for p in _FakeStep.launches]
+    full = list(range(5, 19, steps))  # the launches the 14 tokens came from
+    # K > 1 (3, 4: the last launch has handed out two): the one after it is queued already
+    assert starts == (full + [full[-1] + steps] if steps > 1 else full)
+    np.testing.assert_array_equal(np.array(dec._next[2]), np.arange(vocab) == want[-1])
+    # the caller's own token, mid-launch: a new launch from it, at the cache's length
+    y = dec(mx.array([5], mx.uint32))
+    assert dec.check(y.item()) == f(5, 19, vocab) and cache.length == 20
+    assert int(np.array(_FakeStep.launches[-1])[0]) == 19
+    # a sampler other than greedy: one token a launch, whatever asked
+    sampled = generate.make_sampler(generate.SamplerArgs(temp=0.5))
+    assert generate.Decoder(model, model.make_cache("fp16"), sampled, persistent=True,
+                            steps=4).persistent.steps == 1

@@ -16,6 +16,12 @@
 #   bash tools/gpu_run.sh check     # GPU tests, then the rows form's options compared (§4)
 #   bash tools/gpu_run.sh check2    # GPU tests, then its attention a block per KV head or per head
 #   bash tools/gpu_run.sh last      # the persistent step's GPU tests the calls above left out
+#   bash tools/gpu_run.sh probe     # turbo_kv prefill's kernel shapes (bench/prefill_speed.py),
+#                                   # the persistent step's host time, the plain graph
+#   bash tools/gpu_run.sh stop11a   # this change's GPU tests, prefill shapes; then within 30 s:
+#   bash tools/gpu_run.sh stop11b   # the same-run table (llama.cpp built by stop11a's setup)
+#   bash tools/gpu_run.sh stop11c   # the tests stop11a left out
+#   bash tools/gpu_run.sh stop11d   # 8 tokens a launch, the next queued behind: tests, figures
 #   bash tools/gpu_run.sh session1  # (an earlier lease's) checks, then within 30 s, same lease:
 #   bash tools/gpu_run.sh session2  # its figures
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
@@ -80,6 +86,49 @@ bench)
   python3 bench/decode_speed.py --weights quantized \
     --modes mlx,mlx-persistent,mlx-persistent-flags,mlx-plain \
     --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,1024,4096,8192 "${LLAMA[@]}" --mlx-lm "${@:2}"
+  ;;
+probe)  # turbo_kv prefill's kernel shapes, the persistent step's host time, the plain graph
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 200 python3 bench/prefill_speed.py --contexts 128,1024,4096,8192 \
+    --variants 4x32,8x32,16x32,8x16,16x64 --kv turbo_kv_4b > "$O/prefill.txt" 2> "$O/prefill.err"
+  grep "^| [0-9]" "$O/prefill.txt"
+  timeout 60 python3 bench/decode_phases.py --weights quantized --persistent --forms rows \
+    --kv fp16 --ctx 128,4096 --steps 40 > "$O/phases.txt" 2>&1; grep "^|" "$O/phases.txt" | cut -c1-200
+  timeout 90 python3 bench/decode_speed.py --weights quantized --modes mlx-plain,mlx-plain-c \
+    --kv fp16,turbo_kv_4b,turbo_kv_5b --contexts 128,1024 --steps 32 > "$O/plain.txt" 2>&1
+  grep "^| [0-9]" "$O/plain.txt"
+  ;;
+stop11a)  # setup, llama.cpp's build in the background; the GPU tests of this change; prefill shapes
+  bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  persistent_tests 200 "tokens_of_one_launch or decoder_takes or outside or sampled or \
+    (resident and grid) or (bit_for_bit and rows and not rows16 and not rows8 and not rowsgroup)"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_turbo_prefill_gpu.py > "$O/t_prefill.log" 2>&1; tail -3 "$O/t_prefill.log"
+  timeout 150 python3 bench/prefill_speed.py --contexts 128,1024,4096,8192 \
+    --variants auto,16x10,4x10 --kv turbo_kv_4b,turbo_kv_5b > "$O/prefill.txt" 2> "$O/prefill.err"
+  grep "^| [0-9]" "$O/prefill.txt"; tail -2 "$O/prefill.err"
+  ;;
+stop11b)  # within 30 s of stop11a, same lease: the same-run table (docs/benchmarks.md section 3)
+  llama_model || exit 1
+  timeout 420 python3 bench/decode_speed.py --weights quantized --steps 48 \
+    --modes mlx,mlx-persistent-rows,mlx-persistent-rows1 --kv fp16,turbo_kv_4b,turbo_kv_5b \
+    --contexts 128,1024,4096,8192 "${LLAMA[@]}" --mlx-lm --json "$O/bench.json" \
+    > "$O/bench.txt" 2> "$O/bench.err"; grep "^| [0-9]" "$O/bench.txt"; tail -3 "$O/bench.err"
+  ;;
+stop11c)  # after Decoder's default went back to one token a launch: the tests stop11a left out
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  persistent_tests 230 "decoder_takes or (bit_for_bit and (grid or flags) and not release)"
+  timeout 220 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_turbo_prefill_gpu.py > "$O/t_prefill.log" 2>&1; tail -3 "$O/t_prefill.log"
+  ;;
+stop11d)  # the launch of 8 tokens queued behind the last: tests, then against one a launch and llama.cpp
+  bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  persistent_tests 150 "tokens_of_one_launch or decoder_takes"
+  llama_model || exit 1
+  timeout 300 python3 bench/decode_speed.py --weights quantized --steps 48 \
+    --modes mlx,mlx-persistent-rows,mlx-persistent-rows8 --kv fp16 \
+    --contexts 128,1024,4096,8192 "${LLAMA[@]}" --json "$O/bench8.json" \
+    > "$O/bench8.txt" 2> "$O/bench8.err"; grep "^| [0-9]" "$O/bench8.txt"; tail -3 "$O/bench8.err"
   ;;
 session1)
   bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"

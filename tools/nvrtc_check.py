@@ -180,10 +180,14 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
 
                     k, v = cache.take_buffers()
                     kc, vc = (mx.stack([b[0] for b in bufs]) for bufs in (k, v))
-                    for sync, form in (("grid", "fused"), ("flags", "fused"), ("grid", "rows"),
-                                       ("release", "rows")):
+                    # (the last: greedy decoding's default, STEPS tokens a launch)
+                    for sync, form, steps in (("grid", "fused", 1), ("flags", "fused", 1),
+                                              ("grid", "rows", 1), ("release", "rows", 1),
+                                              ("grid", "rows", pd.STEPS),
+                                              ("grid", "fused", pd.STEPS)):
                         step = pd.PersistentStep(model, fd.TurboSpec.of(cache), blocks=132,
-                                                 sync=sync, times=sync == "flags", form=form)
+                                                 sync=sync, times=sync == "flags", form=form,
+                                                 steps=steps)
                         step._launchable = True  # no probe launch while recording
                         step(mx.array([1, 0, 0, 0], mx.int32), fd.position(3), kc, vc)
                     cache.give_buffers(k, v, 0)
@@ -234,7 +238,13 @@ def main() -> int:
                     "this folder: a refactoring that keeps a kernel's PTX keeps its behaviour")
     ap.add_argument("--resources", action="store_true",
                     help="also compile for sm_90 and print ptxas's registers per thread")
+    ap.add_argument("--prefill-shape", default="", metavar="NWxROWS",
+                    help="turbo_prefill's warps and rows a block, forced (default: its rule)")
     args = ap.parse_args()
+    if args.prefill_shape:
+        from quantref_mlx import turbo_prefill
+
+        turbo_prefill.NW, turbo_prefill.ROWS = map(int, args.prefill_shape.split("x"))
     nvidia = args.nvidia or find_nvidia()
     if nvidia is None:
         print("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 "

@@ -5,7 +5,7 @@ grid-wide barrier between dependent phases.
 What it computes: exactly what quantref_mlx.fused_decode.FusedStep's ~95 kernels compute, with
 the same functions (fused_common.cuh) on the same block indices, so the same sums in the same
 order: the logits are the fused step's bit for bit. Per token:
-  x = embedding row of token[0]                                            (phase E)
+  x = embedding row of the token (token[0], then each step's argmax)      (phase E)
   per layer l: q, k, v = RoPE(Wqkv rms_norm(x))        fd_qkv_rope_unit, one warp per unit
                x' = x + Wo attention(q, cache, k, v)   fd_attend, or fd_turbo_attend for a turbo_kv
                                                        cache (+ fd_merge_project when the capacity
@@ -15,6 +15,11 @@ order: the logits are the fused step's bit for bit. Per token:
 A virtual block of a fused kernel (block vb of its grid) is taken by block vb % gridDim.x, in
 turn; between phases every block waits at fd_grid_sync. The fd_project sums keep their
 "last block finishes" form (a counter in the scratch, reset by that block).
+
+FD_STEPS tokens a launch (greedy decoding): the token above, then its argmax fed back in as the
+next token at the next position, FD_STEPS - 1 times (block 0's argmax in the scratch, bar[48],
+read by every block after one more barrier): MLX's cost per launch (its graph, the launch, the
+read-back: ~100 us a token on the H200, docs/benchmarks.md section 4) paid once for them all.
 
 Grid: gridDim.x blocks, at most one per SM, so that all are resident at once (a barrier waits
 for every block); 512 threads (NW = 16 warps, as the fused attention and ffn kernels).
@@ -30,10 +35,12 @@ Inputs:  token int32 [4] (the id in token[0]: the previous step's output), pos i
          (turbo_kv blocks) and vc the values' storage [NL, NKV, CAP, HD or VB] (turbo_attend.cu), scratch float32 [FD_SCRATCH] (the step's own:
          the barrier counter and error flag, the fd_project parts and counters, activations;
          zero at creation, left ready for the next launch).
-Outputs: logits float32 [VOCAB]; next int32 [4]: next[0] the greedy token, next[1] 0, or on
-         failure next[0] = -1 and next[1] the reason: 1 a barrier waited past FD_WAIT_NS (the
-         blocks were not all resident: another kernel held SMs), 2 token[0] out of range,
-         3 an earlier launch failed (the scratch's error flag is set: the host makes a new one).
+Outputs: logits float32 [FD_STEPS, VOCAB] (each token's); next int32 [4 + FD_STEPS]: next[4 + s]
+         the greedy token of step s (-1 where not reached), next[0] the last one (the next
+         launch's token[0]), next[1] 0; or on failure next[0] = -1 and next[1] the reason:
+         1 a barrier waited past FD_WAIT_NS (the blocks were not all resident: another kernel
+         held SMs), 2 token[0] out of range, 3 an earlier launch failed (the scratch's error
+         flag is set: the host makes a new one). pos[0] + FD_STEPS - 1 < CAP (the host's).
 FD_ROWS 1: the rows form (see below): every projection one output row per warp over the grid.
 FD_FLAGS 1: phases end with fd_phase_end (persistent.cuh) instead of a grid barrier.
 FD_ACQREL 1: the grid barrier's arrival a release reduction, its wait acquire loads (persistent.cuh).
@@ -56,6 +63,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     constexpr int OFF_Q = OFF_XB + DIM;
     constexpr int OFF_KV = OFF_Q + Q_ROWS;                 /* in the cache's dtype */
     static_assert(FD_ROW_MAX_SPLITS >= FD_MAX_SPLITS, "the rows form merges the fused form's S");
+    static_assert(FD_STEPS >= 1 && (FD_STEPS == 1 || !FD_TIMES), "the timer marks: one token");
     constexpr int MAXS = FD_ROW_MAX_SPLITS;
     constexpr int OFF_SPLITS = OFF_KV + KV_ROWS;           /* NH * MAXS * (HD + 2) */
     constexpr int OFF_BEST = OFF_SPLITS + ((NH * MAXS * (HD + 2) + 3) / 4) * 4;
@@ -113,19 +121,17 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     /* FD_ROW_GROUP 1 (float caches): a split a KV head, for its G query heads (fd_attend_group),
        whose shared memory (NW G HD floats) must fit beside the rest */
     constexpr bool GROUP = FD_ROW_GROUP && !FD_TURBO && NW * (NH / NKV) * HD <= 4096;
-    const int SR = FD_ROW_KEYS ? fd_row_splits(pos[0] + 1, GROUP ? NKV : NH) : S;
 #endif
-    const int tok = token[0];
+    int tok = token[0];
     int fail = 0;
     if (tok < 0 || tok >= VOCAB) fail = 2;
     else if (fd_volatile(bar + 1) != 0u) fail = 3;
-    if (fail) {
-        if (b == 0 && threadIdx.x == 0) {
-            next[0] = -1;
-            next[1] = fail;
-        }
-        return;  /* every block returns here (the same token, the same flag): none waits */
+    if (b == 0 && threadIdx.x == 0) {  /* no token yet: -1 until each is decided */
+        next[0] = -1;
+        next[1] = fail;
+        for (int s = 0; s < FD_STEPS; ++s) next[4 + s] = -1;
     }
+    if (fail) return;  /* every block returns here (the same token, the same flag): none waits */
 
     if (FD_TIMES && threadIdx.x == 0) {  /* block 0's start; every block's, after the marks */
         const unsigned long long now = fd_now();
@@ -136,6 +142,19 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
        passes before all have read it, and nothing advances it before that */
     g0 = fd_volatile(bar + 32);
     top = fd_volatile(bar) & 0x80000000u;  /* likewise: no barrier flips it before all read */
+    /* FD_STEPS tokens, each the last one's greedy successor, at positions pos[0], pos[0] + 1,
+       ...: every function below reads the position from cur[0] (this block's shared copy) */
+    __shared__ int cur[4];
+    /* (a loop of known count: with FD_STEPS 1 it is no loop at all, and the registers are the
+       one-token kernel's; FD_STEPS 8 takes 128 a thread with a float cache, 168 with turbo_kv,
+       past what 16 warps a block may have: PersistentStep takes 1 for turbo_kv caches) */
+#pragma unroll 1
+    for (int step = 0; step < FD_STEPS; ++step) {
+    if (threadIdx.x == 0) cur[0] = pos[0] + step;
+    __syncthreads();
+#if FD_ROWS
+    const int SR = FD_ROW_KEYS ? fd_row_splits(cur[0] + 1, GROUP ? NKV : NH) : S;
+#endif
     /* E: the embedding row */
     for (int i = b * (int)blockDim.x + (int)threadIdx.x; i < DIM; i += nb * (int)blockDim.x)
         xa[i] = fd_weight<DIM, EBITS>(wemb, FD_QUANT_E, (size_t)tok, i);
@@ -170,10 +189,10 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             for (int vb = b; vb < NH * n_splits; vb += nb) {
 #if FD_TURBO
                 fd_turbo_attend_apart<NH, NKV, HD, DPL, NW, UA, KBITS, BB, NC, NLEV, PATH, VT,
-                                      VB>(vb, NH * n_splits, qv, kvt, kcl, vcl, cap, pos, splits);
+                                      VB>(vb, NH * n_splits, qv, kvt, kcl, vcl, cap, cur, splits);
 #else
                 fd_attend<NH, NKV, HD, DPL, NW, UA, true, 0, 0>(
-                    vb, NH * n_splits, qv, kvt, kcl, vcl, cap, pos, (const float*)nullptr,
+                    vb, NH * n_splits, qv, kvt, kcl, vcl, cap, cur, (const float*)nullptr,
                     (const float*)nullptr, (const float*)nullptr, (const float*)nullptr,
                     (const float*)nullptr, splits);
 #endif
@@ -183,7 +202,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 
         for (int unit = gw; unit < UNITS; unit += nwarps)
             fd_qkv_rope_unit<DIM, BQKV, HD, Q_ROWS, Q_ROWS + KV_ROWS / 2>(
-                unit, lane, xa, nw_attn, wqkv, scales + off[1], biases + off[1], pos, inv_freq,
+                unit, lane, xa, nw_attn, wqkv, scales + off[1], biases + off[1], cur, inv_freq,
                 qv, kvt);
         {   /* the idle blocks: this layer's cached keys and values (what attention reads) and
                Wo toward L2 */
@@ -191,7 +210,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             if (b >= first) {
                 const int part = (b - first) * (int)blockDim.x + (int)threadIdx.x;
                 const int parts = (nb - first) * (int)blockDim.x;
-                const int L = pos[0];  /* the positions already in the cache */
+                const int L = cur[0];  /* the positions already in the cache */
 #if FD_TURBO
                 constexpr int KROW = NC * BB;  /* bytes a position, a KV head */
                 constexpr int VROW = (VT >= 2 ? VB : HD * (VT == 0 ? 4 : 2));
@@ -221,7 +240,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
         if (S == 1) {
             for (int vb = b; vb < NH; vb += nb) {
                 fd_attend<NH, NKV, HD, DPL, NW, U, false, DIM, BO>(
-                    vb, NH, qv, kvt, kcl, vcl, cap, pos, wo, scales + off[3], biases + off[3], xa,
+                    vb, NH, qv, kvt, kcl, vcl, cap, cur, wo, scales + off[3], biases + off[3], xa,
                     sp + OFF_PA, xb);
                 __syncthreads();  /* the block's shared memory, free for its next index */
             }
@@ -279,7 +298,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
 #if !FD_TURBO
         if (GROUP) {
             for (int vb = b; vb < units; vb += nb) {
-                fd_attend_group<NH, NKV, HD, DPL, NW, UA>(vb, SR, qv, kvt, kcl, vcl, cap, pos,
+                fd_attend_group<NH, NKV, HD, DPL, NW, UA>(vb, SR, qv, kvt, kcl, vcl, cap, cur,
                                                           splits);
                 __syncthreads();  /* the block's shared memory, free for its next index */
             }
@@ -334,8 +353,8 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             const float y0 = y[0] * inv;
             const float y1 = y[1] * inv;
             if (lane == 0) {
-                logits[u0] = y0;
-                logits[u1] = y1;
+                logits[(size_t)step * VOCAB + u0] = y0;
+                logits[(size_t)step * VOCAB + u1] = y1;
             }
             if (y0 > bv) {  /* units rise along the loop: the first of equals stays */
                 bv = y0;
@@ -376,11 +395,17 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
             __syncthreads();
             if (threadIdx.x == 0) {
                 for (int w = 1; w < NW; ++w) fd_better(sm_bv[w], sm_bi[w], &v, &i);
-                next[0] = i;
-                next[1] = 0;
+                next[0] = i;  /* the next launch's input */
+                next[4 + step] = i;
+                bar[48] = (unsigned)i;  /* for every block's next token (the generation's line) */
             }
         }
     }
+    if (step + 1 < FD_STEPS) {  /* the next token: block 0's argmax, once all have it */
+        FD_PHASE(1);
+        tok = (int)fd_volatile(bar + 48);
+    }
+    }  /* the steps */
     return;
 failed:
     if (threadIdx.x == 0) {

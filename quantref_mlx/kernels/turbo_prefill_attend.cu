@@ -30,14 +30,16 @@ once per query as before). The keys lo .. p1 (p1 the tile's last row; lo 0, or t
 window's first) go by in tiles of 32: the warps decode a tile into shared memory (a warp per
 key, as turbo_attend.cu: PATH 0 / 1 the rotated-domain key times its chunk's factor norm * R / s
 or norm / s, so that a score is one dot product with the rotated query; PATH 2 the dequantized
-key), then each warp scores its QW queries (lane j: key j, float32 sums over the elements in
+key; up to head_dim 64 (VS) the tile's values too, decoded once a block, not once a warp),
+then each warp scores its QW queries (lane j: key j, float32 sums over the elements in
 order), keeps an online softmax per query (the maximum over the warp; each lane's share of the
 sum, added up at the end) and adds the weights times the values (lane: elements lane * DPL ..).
 Masked keys weigh 0; each warp's queries are its own, so no merge. The scores differ from the
 oracle's (float64) by float32 rounding in another order, as before (the tests' 1e-5 of a row's
 largest score).
 
-Grid: NKV * ceil(T / TQ) blocks of NW * 32 threads; block b takes KV head b % NKV and row tile
+Grid: NKV * ceil(T / TQ) blocks of NW * 32 threads (turbo_prefill._shape: at most one block an
+SM where it can, a round of the grid); block b takes KV head b % NKV and row tile
 ceil(T / TQ) - 1 - b / NKV (the longest rows first, so that short tiles fill in behind them).
 Inputs:  q float32 [NH, T, HD] (after RoPE, and the model's query scale if it has one),
          kc uint8 [NKV, CAP, NC, BB] (the key blocks, positions < P + T filled),
@@ -52,8 +54,8 @@ Output:  out float32 [T, NH * HD]: row r, head h at columns h * HD .. h * HD + H
          TP_SCALE at its key's position (the rest left unwritten).
 Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB, W, SWIN (0: no
          sliding window). Static shared memory: 4 * (NQ * HD (twice with a k-window and PATH
-         0 / 1) + 33 * HD + NW * QW * 32 + NLEV) bytes, under 48 KiB (turbo_prefill._rows picks
-         TQ). The header #defines TP_SCALE, TK_CMAX, TK_R, TK_KW (kw, or a null pointer without
+         0 / 1) + 33 * HD + NW * QW * 32 + NLEV + 32 * HD with VS) bytes, under 48 KiB
+         (turbo_prefill._shape picks TQ and NW). The header #defines TP_SCALE, TK_CMAX, TK_R, TK_KW (kw, or a null pointer without
          a k-window) and the __constant__ tables tk_cent (centroids), tk_tab (what multiplies a
          codebook index: T for PATH 0, else C), tk_q2
          (quantref_mlx.fused_decode.TurboSpec.header). */
@@ -64,6 +66,9 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
     constexpr int KT = 32;                  /* keys per tile: one per lane when scoring */
     constexpr int KP = KT + 1;              /* sm_k's row stride (no bank conflicts) */
     constexpr bool QWIN = W > 0 && PATH != 2;  /* a second, unrotated copy of the queries */
+    /* the tile's values decoded once a block into shared memory, not once a warp (where they
+       fit beside the rest: head_dim 64 or less) */
+    constexpr bool VS = HD <= 64;
     constexpr unsigned FULL = 0xffffffffu;
     const int T = q_shape[1];
     const int cap = kc_shape[1];
@@ -89,6 +94,7 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
     __shared__ float sm_k[HD * KP];                /* a tile's keys: element e of key j at e*KP+j */
     __shared__ __align__(16) float sm_p[NW * QW * KT];  /* each warp's softmax weights */
     __shared__ float sm_tab[NLEV];
+    __shared__ __align__(16) float sm_v[VS ? KT * HD : 4];  /* VS: a tile's values, decoded */
     float* const qw = QWIN ? sm_qw : sm_q;  /* the query a k-window key is dotted with */
 
     /* The block's queries: query qi is row r0 + qi / G, head g * G + qi % G. */
@@ -138,13 +144,53 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
     }
     float* const pw = sm_p + warp * QW * KT;
 
+    /* This lane's DPL elements of the value at position tv, decoded from its storage (fp32,
+       fp16, q4, q2: the bits of turbo_attend.cu). */
+    auto value_row = [&](int tv, float* vv) {
+        if (VT == 0 || VT == 1) {
+            const size_t at = ((size_t)g * cap + tv) * HD + e0;
+#pragma unroll
+            for (int d = 0; d < DPL; ++d)
+                vv[d] = VT == 0 ? reinterpret_cast<const float*>(vc)[at + d]
+                                : __half2float(reinterpret_cast<const __half*>(vc)[at + d]);
+        } else {
+            constexpr int PK = VT == 2 ? 16 : 8;
+            const unsigned char* grp = reinterpret_cast<const unsigned char*>(vc)
+                + ((size_t)g * cap + tv) * VB + (e0 / 32) * (4 + PK);
+            const float dq = *reinterpret_cast<const float*>(grp);
+#pragma unroll
+            for (int d = 0; d < DPL; ++d) {
+                const int e = (e0 + d) % 32;
+                if (VT == 2) {
+                    const unsigned code = (grp[4 + e / 2] >> ((e & 1) * 4)) & 0xFu;
+                    vv[d] = __fmul_rn((float)code - 8.0f, dq);
+                } else {
+                    const unsigned code = (grp[4 + e / 4] >> ((e & 3) * 2)) & 0x3u;
+                    vv[d] = __fmul_rn(tk_q2[code], dq);
+                }
+            }
+        }
+    };
+
     for (int t0 = lo; t0 <= p1; t0 += KT) {
         const int nj = min(KT, p1 + 1 - t0);  /* keys of this tile: t0 .. t0 + nj - 1 */
         /* 1. Decode the tile's keys once, a warp per key (the bits of turbo_attend.cu), into
            sm_k: PATH 0 / 1 the rotated-domain key times its chunk's factor (score = rotated
            query . that), PATH 2 the key dequantized (score = query . key). */
-        __syncthreads();  /* the last tile's sm_k is read */
-        for (int j = warp; j < nj; j += NW) {
+        __syncthreads();  /* the last tile's sm_k (and sm_v) is read */
+        for (int j = warp; j < (VS ? KT : nj); j += NW) {
+            if (VS) {  /* the tile's values too, once for all the warps (zeros past nj) */
+                float vv[DPL];
+                if (j < nj) {
+                    value_row(t0 + j, vv);
+                } else {
+#pragma unroll
+                    for (int d = 0; d < DPL; ++d) vv[d] = 0.0f;
+                }
+#pragma unroll
+                for (int d = 0; d < DPL; ++d) sm_v[j * HD + e0 + d] = vv[d];
+                if (j >= nj) continue;  /* uniform across the warp */
+            }
             const int t = t0 + j;
             const unsigned char* blk = reinterpret_cast<const unsigned char*>(kc)
                 + (((size_t)g * cap + t) * NC + c0) * BB;
@@ -277,38 +323,20 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
         }
         __syncwarp();
 
-        /* 4. Values, decoded in registers (lane: elements e0 .. e0 + DPL - 1), weighted. */
+        /* 4. Values (lane: elements e0 .. e0 + DPL - 1), weighted: from sm_v (VS), or decoded
+           here in registers by each warp. */
         for (int j0 = 0; j0 < nj; j0 += 4) {
             float vv[4][DPL];
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                const int tv = t0 + j0 + u;
-                if (j0 + u >= nj) {
+                if (VS) {  /* rows nj .. KT - 1 hold zeros */
+#pragma unroll
+                    for (int d = 0; d < DPL; ++d) vv[u][d] = sm_v[(j0 + u) * HD + e0 + d];
+                } else if (j0 + u >= nj) {
 #pragma unroll
                     for (int d = 0; d < DPL; ++d) vv[u][d] = 0.0f;
-                } else if (VT == 0 || VT == 1) {
-                    const size_t at = ((size_t)g * cap + tv) * HD + e0;
-#pragma unroll
-                    for (int d = 0; d < DPL; ++d)
-                        vv[u][d] = VT == 0
-                            ? reinterpret_cast<const float*>(vc)[at + d]
-                            : __half2float(reinterpret_cast<const __half*>(vc)[at + d]);
                 } else {
-                    constexpr int PK = VT == 2 ? 16 : 8;
-                    const unsigned char* grp = reinterpret_cast<const unsigned char*>(vc)
-                        + ((size_t)g * cap + tv) * VB + (e0 / 32) * (4 + PK);
-                    const float dq = *reinterpret_cast<const float*>(grp);
-#pragma unroll
-                    for (int d = 0; d < DPL; ++d) {
-                        const int e = (e0 + d) % 32;
-                        if (VT == 2) {
-                            const unsigned code = (grp[4 + e / 2] >> ((e & 1) * 4)) & 0xFu;
-                            vv[u][d] = __fmul_rn((float)code - 8.0f, dq);
-                        } else {
-                            const unsigned code = (grp[4 + e / 4] >> ((e & 3) * 2)) & 0x3u;
-                            vv[u][d] = __fmul_rn(tk_q2[code], dq);
-                        }
-                    }
+                    value_row(t0 + j0 + u, vv[u]);
                 }
             }
 #pragma unroll
