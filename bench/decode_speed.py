@@ -123,10 +123,9 @@ def run_numpy(model, kv, ctx, steps, chunk):
 def timed_decode(step, y, steps: int) -> float:
     """Decode tokens/s of ``step(token) -> next token`` (lazy), as generation runs it: two
     untimed warm-up steps (the first compiled call traces), then step n+1 built and started
-    before token n is read back. A persistent step that decodes K tokens a launch (and queues
-    the next launch behind the current one): K warm-up steps, then the timed steps start from
-    a token of the host's (a new launch, nothing queued ahead) and are a multiple of K, so
-    that the time holds whole launches, each launch's GPU time in it."""
+    before token n is read back. A persistent step that decodes K tokens a launch: K warm-up
+    steps, then the timed steps start from a token of the host's (a new launch) and are a
+    multiple of K, so that the time holds whole launches, each launch's GPU time in it."""
     import mlx.core as mx
 
     k = getattr(getattr(step, "persistent", None), "steps", 1)
@@ -135,7 +134,7 @@ def timed_decode(step, y, steps: int) -> float:
         y = step(y)
         y.item()
     if k > 1:
-        mx.synchronize()  # what was queued ahead, done before the clock starts
+        mx.synchronize()
         y = mx.array(np.array(y))  # not the token handed out: a new launch from it
     t = time.perf_counter()
     for _ in range(steps):

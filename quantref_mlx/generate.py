@@ -200,10 +200,10 @@ class Decoder:
     each launch decodes ``steps`` tokens, the kernel feeding its own argmax back in, and calls
     hand them out one by one (the same tokens and logits as one launch a token, bit for bit); a
     call with any other token than the one handed out starts a new launch from it. Measured no
-    faster on the H200 (docs/benchmarks.md section 3: reading a launch's first token waits for
-    all of them, so the next launch cannot be queued behind it), hence 1 by default; other
-    samplers always 1. With turbo_kv caches or the fused form the looping kernel needs more
-    registers than 16 warps a block may have (8 then, ``PersistentStep._probe``).
+    faster on the H200 (docs/benchmarks.md section 3: a token takes the kernel as long inside
+    a launch of 8 as alone), hence 1 by default; other samplers always 1. With turbo_kv caches
+    or the fused form the looping kernel needs more registers than 16 warps a block may have
+    (8 then, ``PersistentStep._probe``).
     """
 
     def __init__(self, model: "Model", cache: "KVCache", sampler: SamplerFn,
@@ -235,8 +235,8 @@ class Decoder:
             self._pos = None
             self._next = None  # the last call's (token view, next int32 [4 + steps], logits)
             # steps > 1: the launch handing out tokens (next, logits, tokens handed out, the
-            # cache length then), and the one queued behind it
-            self._launch = self._ahead = None
+            # cache length then)
+            self._launch = None
             return
         why_not = supported(model, cache)
         if why_not is None and fused is not False:  # every kernel launches on this GPU
@@ -310,19 +310,13 @@ class Decoder:
         token never leaves the device: the kernel's own argmax feeds the next step, inside the
         launch (``steps`` > 1) and into the next launch. A call whose ``token`` is the token
         the last call handed out gets the launch's next one, already computed; any other token
-        starts a new launch from it. With ``steps`` > 1 the next launch is queued behind the
-        current one as soon as its second token is handed out (reading the first waits for the
-        whole launch, and the GPU would sit idle until the host got round to the next)."""
+        starts a new launch from it."""
         cache, step = self.cache, self.persistent
         cur = self._launch
         if cur is not None and self._next is not None and token is self._next[0] \
-                and cur[3] == cache.length:
-            if cur[2] == step.steps and self._ahead is not None:
-                cur, self._ahead = self._ahead, None  # the launch queued behind: its first
-            if cur[2] < step.steps:  # a token this launch has already decoded
-                return self._hand_out(cur)
-        self._ahead = None  # a new start: whatever was queued ahead decoded in vain
-        need = cache.length + 2 * step.steps  # this launch and, with steps > 1, the next
+                and cur[3] == cache.length and cur[2] < step.steps:
+            return self._hand_out(cur)  # a token this launch has already decoded
+        need = cache.length + step.steps
         if self._whole is None or cache.capacity < need:
             cache.reserve(max(STEP, 1 << (need - 1).bit_length()))  # geometric: few restacks
             k, v = cache.take_buffers()
@@ -367,16 +361,12 @@ class Decoder:
 
     def _hand_out(self, launch: tuple) -> mx.array:
         """The next token of ``launch`` (already decoded, its keys and values in the cache):
-        the cache grows by one; the launch after it is queued once this is its second."""
-        cache, step = self.cache, self.persistent
+        the cache grows by one."""
         nxt, logits, i, at = launch
         y = nxt[4 + i:5 + i]
         self._launch = (nxt, logits, i + 1, at + 1)
-        cache.give_buffers(*cache.take_buffers(), 1)
+        self.cache.give_buffers(*self.cache.take_buffers(), 1)
         self._next = (y, nxt, logits[i])
-        if i == 1 and self._ahead is None and cache.capacity >= at + 2 * step.steps - 1 \
-                and self._pos[1] == at - 1 + step.steps:
-            self._ahead = self._launch_from(nxt)  # chained on the device: its [0] is the last
         return y
 
     def check(self, token: int) -> int:
@@ -385,7 +375,7 @@ class Decoder:
         failed (it returns -1 then, and says why)."""
         if token < 0 and self.persistent is not None:
             code = int(self._next[1][1].item()) if self._next is not None else 0
-            self._launch = self._ahead = None  # nothing queued behind a failed launch counts
+            self._launch = None  # a failed launch hands out nothing more
             raise self.persistent.error(code)
         return token
 

@@ -21,7 +21,8 @@
 #   bash tools/gpu_run.sh stop11a   # this change's GPU tests, prefill shapes; then within 30 s:
 #   bash tools/gpu_run.sh stop11b   # the same-run table (llama.cpp built by stop11a's setup)
 #   bash tools/gpu_run.sh stop11c   # the tests stop11a left out
-#   bash tools/gpu_run.sh stop11d   # 8 tokens a launch, the next queued behind: tests, figures
+#   bash tools/gpu_run.sh stop11d   # 8 tokens a launch against one: tests, figures, llama.cpp
+#   bash tools/gpu_run.sh stop11f   # the several-token launches' GPU tests (the code as it stands)
 #   bash tools/gpu_run.sh session1  # (an earlier lease's) checks, then within 30 s, same lease:
 #   bash tools/gpu_run.sh session2  # its figures
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
@@ -121,7 +122,7 @@ stop11c)  # after Decoder's default went back to one token a launch: the tests s
   timeout 220 python3 -m pytest -q -p no:cacheprovider -m "not model" \
     tests/test_turbo_prefill_gpu.py > "$O/t_prefill.log" 2>&1; tail -3 "$O/t_prefill.log"
   ;;
-stop11d)  # the launch of 8 tokens queued behind the last: tests, then against one a launch and llama.cpp
+stop11d)  # 8 tokens a launch: the tests, then against one a launch and llama.cpp
   bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
   persistent_tests 150 "tokens_of_one_launch or decoder_takes"
   llama_model || exit 1
@@ -129,6 +130,10 @@ stop11d)  # the launch of 8 tokens queued behind the last: tests, then against o
     --modes mlx,mlx-persistent-rows,mlx-persistent-rows8 --kv fp16 \
     --contexts 128,1024,4096,8192 "${LLAMA[@]}" --json "$O/bench8.json" \
     > "$O/bench8.txt" 2> "$O/bench8.err"; grep "^| [0-9]" "$O/bench8.txt"; tail -3 "$O/bench8.err"
+  ;;
+stop11f)  # the Decoder's several-token launches as committed: their GPU tests
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  persistent_tests 150 "tokens_of_one_launch or decoder_takes or outside"
   ;;
 session1)
   bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
