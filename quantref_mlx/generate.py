@@ -332,9 +332,10 @@ class Decoder:
             self._pos = (position(cache.length), cache.length)
             self._advance = position(step.steps)
         greedy_here = getattr(self.sampler, "greedy", False)
-        if greedy_here and self._next is not None and token is self._next[0]:
+        spent = self._launch is None or self._launch[2] == step.steps
+        if greedy_here and self._next is not None and token is self._next[0] and spent:
             token = self._next[1]  # the kernel's own int32 [4 + steps], whose [0] is this token
-        else:
+        else:  # the caller's token, or one handed out mid-launch (the cache moved under it)
             token = mx.concatenate([token.reshape(-1).astype(mx.int32), mx.zeros((3,), mx.int32)])
         if step.steps > 1:
             return self._hand_out(self._launch_from(token))

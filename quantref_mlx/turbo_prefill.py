@@ -47,9 +47,10 @@ USE: bool | None = None  # None: on CUDA; False: never; True: always (nvrtc_chec
 # (bench/prefill_speed.py, docs/benchmarks.md section 3).
 QUERIES = 30
 PER_WARP = 2  # queries a warp: 2 accumulators of head_dim / 32 floats each
-# Warps a block at most: 24 (768 threads, at most 85 registers each) up to head_dim 64, whose
-# kernels take 47-80 (tools/nvrtc_check.py --resources); 16 (512 threads, 128 registers) above.
-MAX_WARPS = {True: 24, False: 16}
+# Warps a block at most: 20 (640 threads: at most 96 registers each, allocated 8 at a time) up
+# to head_dim 64, whose kernels take 47-80 (tools/nvrtc_check.py --resources); 16 (512 threads,
+# 128 registers) above.
+MAX_WARPS = {True: 20, False: 16}
 ROWS: int | None = None  # rows a block, forced (tuning, tests); None: _shape decides
 NW: int | None = None    # warps a block, forced; None: _shape decides
 WARP = 32
@@ -85,9 +86,10 @@ def _shape(T: int, nkv: int, g: int, hd: int, spec: TurboSpec) -> tuple[int, int
     else:
         rows = -(-QUERIES // g)
         sms = _sm_count()
-        if sms:
-            rows = max(rows, -(-nkv * T // sms))  # one block an SM at most
-        rows = max(1, min(rows, T, most * PER_WARP // g))
+        if sms:  # one block an SM at most, for T rounded up to a power of two: few kernels
+            rows = max(rows, -(-nkv * (1 << (T - 1).bit_length()) // sms))
+        # (not capped by T: a block's rows past T are copies, never written out)
+        rows = max(1, min(rows, most * PER_WARP // g))
     qwin = bool(spec.window) and spec.path != "dequant"
     nlev = dict(spec.template(hd))["NLEV"]
 
@@ -121,6 +123,11 @@ def why_not(spec: TurboSpec | None, n_heads: int, n_kv_heads: int, head_dim: int
         return f"head_dim {head_dim} (32, 64, 128 or 256 only)"
     if n_heads % n_kv_heads:
         return "query heads not a multiple of KV heads"
+    g = n_heads // n_kv_heads
+    nw = NW or min(MAX_WARPS[head_dim <= 64], -(-g // PER_WARP))
+    qwin = bool(spec.window) and spec.path != "dequant"
+    if _smem(1, g, head_dim, dict(spec.template(head_dim))["NLEV"], qwin, nw) > SMEM:
+        return f"{g} query heads a KV head of head_dim {head_dim}: a block's shared memory"
     return None
 
 

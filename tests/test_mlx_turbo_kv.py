@@ -603,3 +603,27 @@ def test_data_checks_only_on_request():
         q = np.zeros((1, 64), np.float32)
         q[0, 2] = np.inf
         mk.scores(mx.array(q), mx.array(blocks[:1]), "turbo_kv_4b", 64, check=True)
+
+
+@pytest.mark.parametrize("sms", [None, 132])
+def test_turbo_prefill_takes_only_shapes_whose_block_fits(monkeypatch, sms):
+    """turbo_prefill.why_not: a block of one row must fit its shared memory (48 KiB), else the
+    plain graph runs the chunk's attention (a kernel that cannot compile is never asked for);
+    the block the rule picks fits for every head size it takes; on 132 SMs a chunk of 512
+    (SmolLM2's heads) takes 12 rows and 18 warps, 129 blocks: one an SM."""
+    from quantref_mlx import turbo_prefill as tp
+    from quantref_mlx.fused_decode import TurboSpec
+
+    monkeypatch.setattr(tp, "_sm_count", lambda: sms)  # no GPU here, or the H200's count
+    spec = TurboSpec("turbo_kv_4b", "int8_codebook", "fp16", 16)  # a k-window: queries twice
+    assert tp.why_not(spec, 9, 3, 64) is None
+    assert "shared memory" in tp.why_not(spec, 64, 1, 64)  # 64 query heads a KV head
+    for nh, nkv, hd in ((9, 3, 64), (4, 2, 128), (4, 1, 256), (8, 1, 32)):
+        assert tp.why_not(spec, nh, nkv, hd) is None
+        for T in (2, 5, 128, 512, 1024):
+            rows, nw = tp._shape(T, nkv, nh // nkv, hd, spec)
+            assert rows >= 1 and 1 <= nw <= tp.MAX_WARPS[hd <= 64]
+            assert tp._smem(rows, nh // nkv, hd, dict(spec.template(hd))["NLEV"], True, nw) \
+                <= tp.SMEM
+    if sms:
+        assert tp._shape(512, 3, 3, 64, spec) == (12, 18)

@@ -24,7 +24,8 @@ def model():
 @pytest.mark.parametrize("options, field", [
     (dict(sync="barrier"), "sync"), (dict(form="columns"), "form"),
     (dict(row_keys=-1), "row_keys"), (dict(row_unroll=0), "row_unroll"),
-    (dict(steps=0), "steps"), (dict(steps=65), "steps"), (dict(steps=2, times=True), "steps")])
+    (dict(steps=0), "steps"), (dict(steps=65), "steps"), (dict(steps=2, times=True), "steps"),
+    (dict(steps=2, sync="flags"), "steps")])
 def test_a_bad_option_is_a_value_error_naming_it(model, options, field):
     with pytest.raises(ValueError, match=field):
         pd.PersistentStep(model, blocks=132, **options)  # 132: no GPU asked for its SMs
@@ -80,6 +81,8 @@ class _FakeStep:
     def __call__(self, token, pos, kc, vc):
         import mlx.core as mx
 
+        # what the kernel writes, positions pos .. pos + steps - 1, within the buffers
+        assert int(np.array(pos)[0]) + self.steps <= kc.shape[2] == vc.shape[2]
         self.launches.append(pos)
         t, tokens = token[0], []
         for s in range(self.steps):
@@ -129,7 +132,38 @@ def test_decoder_hands_out_a_launchs_tokens_in_order(model, monkeypatch, steps):
     y = dec(mx.array([5], mx.uint32))
     assert dec.check(y.item()) == f(5, 19, vocab) and cache.length == 20
     assert int(np.array(_FakeStep.launches[-1])[0]) == 19
+    # the cache moved under a launch mid-way (here: one more position): a new launch from the
+    # token handed out, not from the launch's last, at the cache's length
+    for _ in range(2):
+        y = dec(y)
+    mid = dec.check(y.item())
+    cache.give_buffers(*cache.take_buffers(), 1)
+    y = dec(y)
+    assert dec.check(y.item()) == f(mid, 23, vocab) and cache.length == 24
     # a sampler other than greedy: one token a launch, whatever asked
     sampled = generate.make_sampler(generate.SamplerArgs(temp=0.5))
     assert generate.Decoder(model, model.make_cache("fp16"), sampled, persistent=True,
                             steps=4).persistent.steps == 1
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_decoder_launches_stay_within_the_buffers_as_the_cache_grows(model, monkeypatch, steps):
+    """From 250 prefilled tokens (the buffers hold 256) over the capacity's doubling: each launch
+    writes within the buffers (_FakeStep asserts it), and the tokens stay the chain's."""
+    import importlib
+
+    import mlx.core as mx
+
+    generate = importlib.import_module("quantref_mlx.generate")
+    monkeypatch.setattr(generate, "persistent_supported", lambda model, cache: None)
+    monkeypatch.setattr(generate, "PersistentStep", _FakeStep)
+    vocab = model.args.vocab_size
+    cache = model.make_cache("fp16")
+    mx.eval(model.forward([i % 60 + 1 for i in range(250)], cache, last_only=True), cache.state())
+    dec = generate.Decoder(model, cache, generate.greedy, persistent=True, steps=steps)
+    y, t = mx.array([3], mx.uint32), 3
+    for n in range(20):
+        y = dec(y)
+        t = f(t, 250 + n, vocab)
+        assert dec.check(y.item()) == t
+    assert cache.length == 270 and cache.capacity >= 270

@@ -112,7 +112,7 @@ stop11a)  # setup, llama.cpp's build in the background; the GPU tests of this ch
 stop11b)  # within 30 s of stop11a, same lease: the same-run table (docs/benchmarks.md section 3)
   llama_model || exit 1
   timeout 420 python3 bench/decode_speed.py --weights quantized --steps 48 \
-    --modes mlx,mlx-persistent-rows,mlx-persistent-rows1 --kv fp16,turbo_kv_4b,turbo_kv_5b \
+    --modes mlx,mlx-persistent-rows,mlx-persistent-rows8 --kv fp16,turbo_kv_4b,turbo_kv_5b \
     --contexts 128,1024,4096,8192 "${LLAMA[@]}" --mlx-lm --json "$O/bench.json" \
     > "$O/bench.txt" 2> "$O/bench.err"; grep "^| [0-9]" "$O/bench.txt"; tail -3 "$O/bench.err"
   ;;

@@ -147,7 +147,7 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
     __shared__ int cur[4];
     /* (a loop of known count: with FD_STEPS 1 it is no loop at all, and the registers are the
        one-token kernel's; FD_STEPS 8 takes 128 a thread with a float cache, 168 with turbo_kv,
-       past what 16 warps a block may have: PersistentStep takes 1 for turbo_kv caches) */
+       past what 16 warps a block may have: PersistentStep._probe then falls back to 8) */
 #pragma unroll 1
     for (int step = 0; step < FD_STEPS; ++step) {
     if (threadIdx.x == 0) cur[0] = pos[0] + step;
