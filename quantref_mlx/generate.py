@@ -200,8 +200,8 @@ class Decoder:
     each launch decodes ``steps`` tokens, the kernel feeding its own argmax back in, and calls
     hand them out one by one (the same tokens and logits as one launch a token, bit for bit); a
     call with any other token than the one handed out starts a new launch from it. Measured no
-    faster on the H200 (docs/benchmarks.md section 3: a token takes the kernel as long inside
-    a launch of 8 as alone), hence 1 by default; other samplers always 1. With turbo_kv caches
+    faster on the H200 (docs/benchmarks.md section 3), hence 1 by default; other samplers
+    always 1. With turbo_kv caches
     or the fused form the looping kernel needs more registers than 16 warps a block may have
     (8 then, ``PersistentStep._probe``).
     """
@@ -226,7 +226,6 @@ class Decoder:
                     "rows": {"form": "rows", "sync": "grid"}}
             if isinstance(persistent, str) and persistent not in kind:
                 raise ValueError(f"persistent must be a bool, None, or one of {sorted(kind)}")
-            # a greedy sampler: the kernel's own argmax, STEPS tokens a launch
             if not getattr(sampler, "greedy", False):
                 steps = 1  # the host's sampler picks each token
             self.persistent = PersistentStep(model, TurboSpec.of(cache), steps=steps, **(
@@ -337,10 +336,10 @@ class Decoder:
             token = self._next[1]  # the kernel's own int32 [4 + steps], whose [0] is this token
         else:  # the caller's token, or one handed out mid-launch (the cache moved under it)
             token = mx.concatenate([token.reshape(-1).astype(mx.int32), mx.zeros((3,), mx.int32)])
+        launch = self._launch_from(token)
         if step.steps > 1:
-            return self._hand_out(self._launch_from(token))
-        nxt, logits = step(token, self._pos[0], *self._whole)
-        self._pos = (self._pos[0] + self._advance, cache.length + 1)
+            return self._hand_out(launch)
+        nxt, logits = launch[:2]
         cache.give_buffers(*cache.take_buffers(), 1)
         if greedy_here:
             y = nxt[4:5]

@@ -76,11 +76,18 @@ def _sm_count() -> int | None:
     return sm_count()
 
 
+def _block(rows: int, g: int, hd: int, spec: TurboSpec) -> tuple[int, int]:
+    """(warps, bytes of static shared memory) of a block of ``rows`` rows of ``g`` query heads
+    (``PER_WARP`` queries a warp, at most ``MAX_WARPS``; ``NW`` forces the warps)."""
+    nw = NW or min(MAX_WARPS[hd <= 64], -(-rows * g // PER_WARP))
+    qwin = bool(spec.window) and spec.path != "dequant"
+    return nw, _smem(rows, g, hd, dict(spec.template(hd))["NLEV"], qwin, nw)
+
+
 def _shape(T: int, nkv: int, g: int, hd: int, spec: TurboSpec) -> tuple[int, int]:
     """(rows, warps) of a block for a chunk of ``T`` rows and ``nkv`` KV heads of ``g`` query
     heads each (``QUERIES``, ``PER_WARP``), within ``MAX_WARPS`` and ``SMEM``; ``ROWS`` and
     ``NW`` force them."""
-    most = MAX_WARPS[hd <= 64]
     if ROWS:
         rows = ROWS
     else:
@@ -89,16 +96,10 @@ def _shape(T: int, nkv: int, g: int, hd: int, spec: TurboSpec) -> tuple[int, int
         if sms:  # one block an SM at most, for T rounded up to a power of two: few kernels
             rows = max(rows, -(-nkv * (1 << (T - 1).bit_length()) // sms))
         # (not capped by T: a block's rows past T are copies, never written out)
-        rows = max(1, min(rows, most * PER_WARP // g))
-    qwin = bool(spec.window) and spec.path != "dequant"
-    nlev = dict(spec.template(hd))["NLEV"]
-
-    def warps(r: int) -> int:
-        return NW or min(most, -(-r * g // PER_WARP))
-
-    while rows > 1 and _smem(rows, g, hd, nlev, qwin, warps(rows)) > SMEM:
+        rows = max(1, min(rows, MAX_WARPS[hd <= 64] * PER_WARP // g))
+    while rows > 1 and _block(rows, g, hd, spec)[1] > SMEM:
         rows -= 1
-    return rows, warps(rows)
+    return rows, _block(rows, g, hd, spec)[0]
 
 
 def available() -> bool:
@@ -124,9 +125,7 @@ def why_not(spec: TurboSpec | None, n_heads: int, n_kv_heads: int, head_dim: int
     if n_heads % n_kv_heads:
         return "query heads not a multiple of KV heads"
     g = n_heads // n_kv_heads
-    nw = NW or min(MAX_WARPS[head_dim <= 64], -(-g // PER_WARP))
-    qwin = bool(spec.window) and spec.path != "dequant"
-    if _smem(1, g, head_dim, dict(spec.template(head_dim))["NLEV"], qwin, nw) > SMEM:
+    if _block(1, g, head_dim, spec)[1] > SMEM:  # even a block of one row
         return f"{g} query heads a KV head of head_dim {head_dim}: a block's shared memory"
     return None
 
