@@ -7,7 +7,8 @@ times; the median is reported, with fp16's median from the same run beside it (i
 target: turbo_kv prefill at least 0.8x fp16's). The kernel column times
 ``quantref_mlx.turbo_prefill.attend`` alone for the context's last chunk (its queries at
 positions C - chunk .. C - 1 against the C stored keys), chained ``--kernel-reps`` times, one
-evaluation: the kernel's own cost, without the rest of the layer.
+evaluation: the kernel's cost without the rest of the layer, plus the small element-wise
+operation that chains each call to the last (the same for every shape: fine to rank them).
 
     python bench/prefill_speed.py --contexts 128,1024,4096,8192 --variants auto,4x10,16x10
 

@@ -18,8 +18,9 @@ turn; between phases every block waits at fd_grid_sync. The fd_project sums keep
 
 FD_STEPS tokens a launch (greedy decoding): the token above, then its argmax fed back in as the
 next token at the next position, FD_STEPS - 1 times (block 0's argmax in the scratch, bar[48],
-read by every block after one more barrier): MLX's cost per launch (its graph, the launch, the
-read-back: ~100 us a token on the H200, docs/benchmarks.md section 4) paid once for them all.
+read by every block after one more barrier), so that MLX's cost per launch is paid once for
+them all. Measured no faster than one token a launch (docs/benchmarks.md section 3): Decoder
+asks for 1 unless told otherwise.
 
 Grid: gridDim.x blocks, at most one per SM, so that all are resident at once (a barrier waits
 for every block); 512 threads (NW = 16 warps, as the fused attention and ffn kernels).
