@@ -3,13 +3,14 @@
 per kernel, on a chain of trivial custom kernels (CUDA only).
 
     python bench/decode_phases.py [--weights quantized] [--steps 100] [--ctx 128] [--persistent]
-    python bench/decode_phases.py --persistent --no-host --forms rows --chained-only \
+    python bench/decode_phases.py --persistent --no-host --forms rows --generation-only \
         --ctx 128,4096 --kv fp16 --row-keys 0,32,64 --row-unroll 4,8  # rows form's splits
 
 ``--persistent`` adds the persistent step (``quantref_mlx.persistent_decode``): the same split of
 host and device time, then inside its one launch the time of each kind of phase (block 0 reads
 the GPU's global timer as it leaves each grid barrier; the host reads them every fourth step),
-and the time per token with steps chained in one evaluation: what bounds the step. Its steps
+and the time per token of the step without its marks, as generation runs it (``--blocks``,
+``--warps``: other grids than one block of 16 warps per SM). Its steps
 advance the context: a row at ``--ctx`` N averages positions N to about N + 5 ``--steps``.
 
 Random weights of SmolLM2-135M's shapes (``--bits 4 --embed-bits 8``, as SmolLM2's Q4_1 file),
@@ -78,10 +79,11 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
                      rows: dict | None = None, marks: bool = True) -> dict:
     """Inside the persistent kernel (``FD_TIMES``): microseconds per token of each kind of
     phase, from the global timer block 0 reads as it leaves each barrier, averaged over
-    ``steps`` tokens; and the GPU time per token of ``steps`` tokens chained on the device
-    (each step's token feeds the next; one evaluation at the end: no host in between).
-    ``rows``: the rows form's options (``PersistentStep``'s ``row_keys``, ``row_unroll``);
-    ``marks=False``: the chained time only (one kernel compiled, not two)."""
+    ``steps`` tokens; and the time per token of ``steps`` tokens of the step without marks, as
+    generation runs it (each token read back while the next step runs).
+    ``rows``: the rows form's options (``PersistentStep``'s ``row_keys``, ``row_unroll``,
+    ``row_group``, ``row_lanes``, ``blocks``, ``warps``);
+    ``marks=False``: that time only (one kernel compiled, not two)."""
 
     from quantref.generate import SamplerArgs
     from quantref_mlx import fused_decode as fd
@@ -92,7 +94,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     cache = model.make_cache(kv)
     logits = model.forward(list(range(1, ctx + 1)), cache, last_only=True)
     mx.eval(logits, cache.state())
-    # every step the run takes (the marks' 1 + QUIET a reading, the chained ones), so that the
+    # every step the run takes (the marks' 1 + QUIET a reading, the timed ones), so that the
     # capacity, and with it the fused form's splits, stays one for the whole run
     cache.reserve(max(256, 1 << (ctx + (steps + 2) * (QUIET + 1) + steps + 8).bit_length()))
     # sync: "grid", "release", "flags" (the fused form's), "rows" or "rows:release"
@@ -142,19 +144,25 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     out["arrive"] = arrive / steps if marks else float("nan")
     out["late"] = max(late, key=late.get) if late else "-"
     out["barriers"] = len(names)
-    # the device alone: steps chained, one evaluation
+    # the step without its marks, as generation runs it: step n + 1 queued before token n is
+    # read back (the host's time hidden behind the device's: docs/benchmarks.md section 4)
     dec.persistent = pd.PersistentStep(model, fd.TurboSpec.of(cache), **form)
-    y = dec(y)
-    mx.eval(y)
+    for _ in range(2):
+        y = dec(y)
+        dec.check(y.item())
     start = time.perf_counter()
     for _ in range(steps):
-        y = dec(y)
-    mx.eval(y)
-    out["chained"] = (time.perf_counter() - start) / steps * 1e6
+        nxt = dec(y)
+        mx.async_eval(nxt)
+        dec.check(y.item())
+        y = nxt
+    dec.check(y.item())
+    out["generation"] = (time.perf_counter() - start) / steps * 1e6
     out["warps"] = dec.persistent.warps
     out["blocks"] = dec.persistent.blocks
     out["rows"] = (f"{dec.persistent.row_keys} / {dec.persistent.row_unroll}"
-                   + (" / group" if dec.persistent.row_group else ""))
+                   + (" / group" if dec.persistent.row_group else "")
+                   + (" / lanes" if dec.persistent.row_lanes else ""))
     return out
 
 
@@ -207,8 +215,17 @@ def main() -> None:
     ap.add_argument("--row-group", default=None,
                     help="the rows form's attention a block per KV head (1) or per head (0), "
                          "comma-separated")
-    ap.add_argument("--chained-only", action="store_true",
-                    help="the persistent step's chained time only (no timer marks)")
+    ap.add_argument("--row-lanes", default=None,
+                    help="the rows form's float-cache attention a key a lane (1) or a key a "
+                         "warp (0), comma-separated")
+    ap.add_argument("--blocks", default=None,
+                    help="the persistent step's blocks (default: one per SM), comma-separated")
+    ap.add_argument("--warps", default=None,
+                    help="the persistent step's warps a block (default: its own), "
+                         "comma-separated")
+    ap.add_argument("--generation-only", action="store_true",
+                    help="the persistent step's time as generation runs it only (no timer "
+                         "marks)")
     ap.add_argument("--no-host", action="store_true",
                     help="skip the host-and-device tables (the persistent step's inside only)")
     ap.add_argument("--persistent", action="store_true",
@@ -241,22 +258,29 @@ def main() -> None:
                       f"{p['total']:.1f} | {p['tokens_s']:.1f} |", flush=True)
     if args.persistent:
         print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
-              "and the device's time per token with steps chained (no host in between):")
-        print("| ctx | KV | form | row keys / unroll (/ group) | blocks x warps | phases | last block starts | "
+              "and the time per token of the step without them as generation runs it:")
+        print("| ctx | KV | form | row keys / unroll (/ group, lanes) | blocks x warps | phases | last block starts | "
               "last block at the first barrier | embedding | qkv | attention | merge (or Wo) | ffn (gate,up + down) | logits | "
-              "sum | chained us/token |")
+              "sum | generation us/token |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         keys = [None] if args.row_keys is None else [int(k) for k in args.row_keys.split(",")]
         unrolls = [None] if args.row_unroll is None else [
             int(u) for u in args.row_unroll.split(",")]
         groups = [None] if args.row_group is None else [
             bool(int(x)) for x in args.row_group.split(",")]
-        rows = [{k: v for k, v in (("row_keys", key), ("row_unroll", u), ("row_group", grp))
-                 if v is not None} for key in keys for u in unrolls for grp in groups]
+        lanes = [None] if args.row_lanes is None else [
+            bool(int(x)) for x in args.row_lanes.split(",")]
+        blocks = [None] if args.blocks is None else [int(b) for b in args.blocks.split(",")]
+        warps = [None] if args.warps is None else [int(w) for w in args.warps.split(",")]
+        rows = [{k: v for k, v in (("row_keys", key), ("row_unroll", u), ("row_group", grp),
+                                   ("row_lanes", ln), ("blocks", nb), ("warps", nw))
+                 if v is not None}
+                for key in keys for u in unrolls for grp in groups for ln in lanes
+                for nb in blocks for nw in warps]
         runs = [(c, kv, f, r) for c in contexts for kv in kvs for f in args.forms.split(",")
                 for r in (rows if f.startswith("rows") else [None])]
         for ctx, kv, sync, k in runs:
-            m = persistent_marks(model, kv, ctx, args.steps, sync, k, not args.chained_only)
+            m = persistent_marks(model, kv, ctx, args.steps, sync, k, not args.generation_only)
             parts = [m.get("embedding", 0.0), m.get("qkv", 0.0), m.get("attention", 0.0),
                      m.get("merge", 0.0) + m.get("wo", 0.0),
                      m.get("ffn", 0.0) + m.get("gate_up", 0.0) + m.get("down", 0.0),
@@ -265,7 +289,7 @@ def main() -> None:
                   f"{m['blocks']} x {m['warps']} | {m['barriers']} | {m['skew']:.1f} | "
                   f"{m['arrive']:.1f} (block {m['late']}) | "
                   + " | ".join(f"{x:.1f}" for x in parts)
-                  + f" | {sum(parts):.1f} | {m['chained']:.1f} |", flush=True)
+                  + f" | {sum(parts):.1f} | {m['generation']:.1f} |", flush=True)
     if not args.no_host and getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
         print("\n| chain of trivial custom kernels | us per kernel | of which host |")
         print("|---|---|---|")

@@ -147,6 +147,15 @@ def greedy(logits: mx.array) -> mx.array:
 greedy.greedy = True  # Decoder: the persistent kernel's own argmax may stand in for it
 
 
+def _host_copy(y: mx.array) -> mx.array:
+    """``y`` (one element) as a view of an 8-byte copy of it: what the host reads back each
+    token. Why: MLX on CUDA keeps a kernel's output in device memory, and the host reading it
+    moves the whole buffer into managed memory (a new allocation and a copy, each token), which
+    later outputs then reuse, the GPU faulting its pages back; arrays of 8 bytes or less live in
+    one small pool of managed memory that both sides map (docs/benchmarks.md section 4)."""
+    return mx.concatenate([y.reshape(-1)] * 2)[:1].reshape(y.shape)
+
+
 def make_sampler(args: SamplerArgs, rng: SamplerRNG | None = None,
                  history: Sequence[int] = ()) -> SamplerFn:
     """``logits [1, vocab] -> token [1]`` as graph ops: the plain argmax (:func:`greedy`) when
@@ -199,8 +208,8 @@ class Decoder:
     (:func:`quantref_mlx.persistent_decode.supported`). ``steps`` > 1 with a greedy sampler:
     each launch decodes ``steps`` tokens, the kernel feeding its own argmax back in, and calls
     hand them out one by one (the same tokens and logits as one launch a token, bit for bit); a
-    call with any other token than the one handed out starts a new launch from it. Measured no
-    faster on the H200 (docs/benchmarks.md section 3), hence 1 by default; other samplers
+    call with any other token than the one handed out starts a new launch from it. Measured
+    slower on the H200 (docs/benchmarks.md section 3), hence 1 by default; other samplers
     always 1. With turbo_kv caches
     or the fused form the looping kernel needs more registers than 16 warps a block may have
     (8 then, ``PersistentStep._probe``).
@@ -297,9 +306,7 @@ class Decoder:
         if window:
             cache.give_window(window[0])
         y = self.sampler(logits)
-        if y.size != 1:
-            return y
-        return mx.concatenate([y.reshape(-1)] * 2)[:1].reshape(y.shape)
+        return y if y.size != 1 else _host_copy(y)
 
 
     def _persistent_step(self, token: mx.array) -> mx.array:
@@ -342,10 +349,10 @@ class Decoder:
         nxt, logits = launch[:2]
         cache.give_buffers(*cache.take_buffers(), 1)
         if greedy_here:
-            y = nxt[4:5]
+            y = _host_copy(nxt[4:5])
         else:  # the sampler's token, or -1 where the kernel failed (its logits are garbage)
-            y = mx.where(nxt[1:2] == 0, self.sampler(logits.reshape(1, -1)).reshape(-1)
-                         .astype(mx.int32), -1)
+            y = _host_copy(mx.where(nxt[1:2] == 0, self.sampler(logits.reshape(1, -1)).reshape(-1)
+                                    .astype(mx.int32), -1))
         self._next = (y, nxt, logits)
         return y
 
@@ -363,7 +370,7 @@ class Decoder:
         """The next token of ``launch`` (already decoded, its keys and values in the cache):
         the cache grows by one."""
         nxt, logits, i, at = launch
-        y = nxt[4 + i:5 + i]
+        y = _host_copy(nxt[4 + i:5 + i])
         self._launch = (nxt, logits, i + 1, at + 1)
         self.cache.give_buffers(*self.cache.take_buffers(), 1)
         self._next = (y, nxt, logits[i])

@@ -66,6 +66,18 @@ def test_row_group_is_taken_only_where_the_kernel_takes_it(model):
     assert not pd.PersistentStep(model, turbo, blocks=132, row_group=True).row_group
 
 
+def test_row_lanes_is_taken_only_where_the_kernel_takes_it(model):
+    """A key a lane (fd_attend_lanes): float caches, and not with row_group, which takes the
+    attention itself."""
+    from quantref_mlx.fused_decode import TurboSpec
+
+    assert pd.PersistentStep(model, blocks=132, row_lanes=True).row_lanes
+    assert not pd.PersistentStep(model, blocks=132, row_lanes=False).row_lanes
+    assert not pd.PersistentStep(model, blocks=132, row_lanes=True, row_group=True).row_lanes
+    turbo = TurboSpec.of(model.make_cache("turbo_kv_4b"))
+    assert not pd.PersistentStep(model, turbo, blocks=132, row_lanes=True).row_lanes
+
+
 class _FakeStep:
     """Stands in for PersistentStep on any machine (Decoder's bookkeeping, not the kernel): a
     launch of ``steps`` greedy tokens where each token's successor is ``f(token, position)``;
@@ -92,6 +104,13 @@ class _FakeStep:
                               mx.zeros((2,), mx.int32), mx.stack(tokens)]).astype(mx.int32)
         logits = mx.stack([mx.arange(self.vocab) == x for x in tokens]).astype(mx.float32)
         return nxt, logits if self.steps > 1 else logits[0]
+
+
+def _within(view, whole) -> bool:
+    """Whether ``view``'s data lies inside ``whole``'s buffer (both evaluated)."""
+    at = np.asarray(view).__array_interface__["data"][0]
+    base = np.asarray(whole).__array_interface__["data"][0]
+    return base <= at < base + whole.nbytes
 
 
 def f(token, position, vocab):
@@ -124,6 +143,9 @@ def test_decoder_hands_out_a_launchs_tokens_in_order(model, monkeypatch, steps):
     for _ in range(14):
         y = dec(y)
         got.append(dec.check(y.item()))
+        # what the host reads is a copy, not a view of the launch's output: on CUDA a host read
+        # of a kernel's output moves its buffer to managed memory (bench/host_read.py)
+        assert not _within(y, dec._next[1])
     assert got == want and cache.length == 19
     starts = [int(np.array(p)[0]) for p in _FakeStep.launches]
     assert starts == list(range(5, 19, steps))  # the launches the 14 tokens came from

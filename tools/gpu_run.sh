@@ -23,6 +23,11 @@
 #   bash tools/gpu_run.sh stop11c   # the tests stop11a left out
 #   bash tools/gpu_run.sh stop11d   # 8 tokens a launch against one: tests, figures, llama.cpp
 #   bash tools/gpu_run.sh stop11f   # the several-token launches' GPU tests (the code as it stands)
+#   bash tools/gpu_run.sh gap       # what reading each token back costs; marks; Decoder tests
+#   bash tools/gpu_run.sh stop12a   # setup; the persistent step's grid sizes; then within 30 s:
+#   bash tools/gpu_run.sh stop12b   # the same-run table (as stop11b)
+#   bash tools/gpu_run.sh stop12c   # setup; GPU tests and marks of the attention a key a lane;
+#                                   # then the same-run table with it (one call)
 #   bash tools/gpu_run.sh session1  # (an earlier lease's) checks, then within 30 s, same lease:
 #   bash tools/gpu_run.sh session2  # its figures
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
@@ -38,7 +43,9 @@ B=/tmp/llamacpp/llama.cpp/build/bin/llama-bench
 LLAMA=(--llama-bench "$B" --llama-gguf /tmp/smollm2-random.gguf)
 
 llama_model() {  # wait (at most 5 min) for setup's llama-bench build; SmolLM2's header filled
-  for _ in $(seq 60); do [ -x "$B" ] && break; sleep 5; done
+  for _ in $(seq 60); do  # built, and the build's script gone (the link done)
+    [ -x "$B" ] && ! pgrep -f "llamacpp-cuda/build.sh" > /dev/null && break; sleep 5
+  done
   [ -x "$B" ] || { tail -5 /tmp/llbuild.log; return 1; }
   xz -dc .device/llamacpp-cuda/smollm2-135m-header.Q4_1.gguf.xz > /tmp/h.gguf
   python3 .device/llamacpp-cuda/random_gguf.py /tmp/h.gguf /tmp/smollm2-random.gguf
@@ -166,7 +173,7 @@ check)
   timeout 80 python3 -m pytest -q -p no:cacheprovider -m "not model" \
     tests/test_fused_decode_gpu.py -k "launches or decode_steps" > "$O/t_fused.log" 2>&1
   tail -2 "$O/t_fused.log"
-  P=(--chained-only --kv fp16,turbo_kv_4b --ctx 128,1024,4096,8192 --steps 24)
+  P=(--generation-only --kv fp16,turbo_kv_4b --ctx 128,1024,4096,8192 --steps 24)
   timeout 150 "${PHASES_ROWS[@]}" "${P[@]}" --row-keys 0,64,32 --row-unroll 4 > "$O/sweep1.txt" 2>&1
   timeout 60 "${PHASES_ROWS[@]}" "${P[@]}" --forms rows:release,rows --row-keys 64 --row-unroll 8 \
     > "$O/sweep2.txt" 2>&1
@@ -208,6 +215,38 @@ last)
   persistent_tests 170 "(turbo_kv_4b and (rows or grid)) or (turbo_kv_5b and grid) or outside \
     or resident or sampled"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|session1|session2"
+stop12a)  # setup (llama.cpp's build in the background); the persistent step's grid sizes
+  bash "$0" setup > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 200 "${PHASES_ROWS[@]}" --kv fp16,turbo_kv_4b --ctx 128,4096 --steps 24 \
+    --blocks 44,66,99,132 > "$O/blocks.txt" 2>&1; grep "^| [0-9]" "$O/blocks.txt" | cut -c1-230
+  timeout 60 "${PHASES_ROWS[@]}" --kv fp16 --ctx 128,4096 --steps 24 --warps 8 \
+    > "$O/warps.txt" 2>&1; grep "^| [0-9]" "$O/warps.txt" | cut -c1-230
+  ;;
+stop12b)  # within 30 s of stop12a, same lease: the same-run table (docs/benchmarks.md section 3)
+  bash "$0" stop11b
+  ;;
+stop12c)  # one call: setup, llama.cpp's build (niced, in the background) while the GPU tests of
+  # the rows form's attention a key a lane and its marks run; then the same-run table with it
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  (nice -n 19 bash .device/llamacpp-cuda/build.sh > /tmp/llbuild.log 2>&1
+   echo "rc=$?" >> /tmp/llbuild.log) &
+  persistent_tests 220 "lanes or decoder_takes or tokens_of_one_launch or (rows and 600)"
+  timeout 100 "${PHASES_ROWS[@]}" --kv fp16 --ctx 128,4096 --steps 24 --row-lanes 0,1 \
+    > "$O/lanes.txt" 2>&1; grep "^| [0-9]" "$O/lanes.txt" | cut -c1-230
+  llama_model || exit 1
+  timeout 300 python3 bench/decode_speed.py --weights quantized --steps 48 \
+    --modes mlx,mlx-persistent-rows,mlx-persistent-lanes --kv fp16,turbo_kv_4b,turbo_kv_5b \
+    --contexts 128,1024,4096,8192 "${LLAMA[@]}" --mlx-lm --json "$O/bench.json" \
+    > "$O/bench.txt" 2> "$O/bench.err"; grep "^| [0-9]" "$O/bench.txt"; tail -3 "$O/bench.err"
+  ;;
+gap)  # what reading each token back costs (bench/host_read.py), the step's marks, Decoder tests
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  timeout 240 python3 bench/host_read.py --contexts 128,4096 --kv fp16,turbo_kv_4b \
+    > "$O/host_read.txt" 2> "$O/host_read.err"; cat "$O/host_read.txt"; tail -3 "$O/host_read.err"
+  timeout 90 python3 bench/decode_phases.py --weights quantized --persistent --forms rows \
+    --kv fp16 --ctx 128,4096 --steps 24 > "$O/phases.txt" 2>&1; grep "^|" "$O/phases.txt" | cut -c1-220
+  persistent_tests 150 "decoder_takes or tokens_of_one_launch or sampled or outside"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|session1|session2"
    exit 2 ;;
 esac

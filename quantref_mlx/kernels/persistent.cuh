@@ -192,6 +192,137 @@ __device__ void fd_attend_group(int vb, int S, const float* q, const KT* kv, con
         }
     }
 }
+/* q . k of one key row (HD elements, float32 or float16) against the query in shared memory
+   (float32, scaled), by one lane alone: the row in 16-byte loads, all in flight together, then
+   the products summed in element order. */
+template <int HD>
+__device__ __forceinline__ float fd_lane_dot(const float* row, const float* sq) {
+    float4 r[HD / 4];
+#pragma unroll
+    for (int i = 0; i < HD / 4; ++i) r[i] = reinterpret_cast<const float4*>(row)[i];
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < HD / 4; ++i)
+        s += sq[4 * i] * r[i].x + sq[4 * i + 1] * r[i].y + sq[4 * i + 2] * r[i].z
+             + sq[4 * i + 3] * r[i].w;
+    return s;
+}
+template <int HD>
+__device__ __forceinline__ float fd_lane_dot(const __half* row, const float* sq) {
+    uint4 r[HD / 8];
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) r[i] = reinterpret_cast<const uint4*>(row)[i];
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) {
+        const unsigned w[4] = {r[i].x, r[i].y, r[i].z, r[i].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+            s += sq[8 * i + 2 * j] * f.x + sq[8 * i + 2 * j + 1] * f.y;
+        }
+    }
+    return s;
+}
+/* The rows form's attention for float caches with FD_ROW_LANES 1: block vb of NH * S (head
+   h = vb / S, split vb % S) writes the split's partial softmax where fd_attend's split form does
+   (out [NH * S, HD + 2]: the unnormalized o, the maximum m, the total l), but a warp takes 32
+   keys at once, one a lane: each lane's score is its own key row's dot product with the query
+   (fd_lane_dot: no sums across lanes), then the warp's maximum and total (shuffles, once per 32
+   keys) and its values, each lane DPL elements of the output summed over the 32 keys (each
+   key's weight broadcast by a shuffle). fd_attend's warps take a key each per step and sum each
+   score across the warp, so that a split of ~300 keys (context 4k on 132 SMs) is ~5 dependent
+   steps of loads and shuffles a warp, here one. Sums in another order than fd_attend's: the
+   logits within rounding of the fused step's, as the rest of the rows form. Split 0 of a KV
+   head's first query head writes this token's key and value into the cache, as fd_attend's. */
+template <int NH, int NKV, int HD, int DPL, int NW, typename KT>
+__device__ __noinline__ void fd_attend_lanes(int vb, int S, const float* q, const KT* kv,
+                                             const KT* kc, const KT* vc, int cap,
+                                             const int* pos, float* out) {
+    static_assert(HD % 8 == 0 && HD == 32 * DPL, "16-byte rows, DPL elements a lane");
+    constexpr int G = NH / NKV;
+    const int h = vb / S;
+    const int split = vb % S;
+    const int g = h / G;
+    const int warp = (int)(threadIdx.x >> 5);
+    const int lane = (int)(threadIdx.x & 31);
+    const int L = pos[0] + 1;
+    const int chunk = (L + S - 1) / S;
+    const int lo = split * chunk;
+    const int hi = min(L, lo + chunk);
+    const float NEG_INF = __int_as_float(0xff800000);
+    __shared__ __align__(16) float sm_q[HD];
+    __shared__ float sm_m[NW];
+    __shared__ float sm_l[NW];
+    __shared__ float sm_acc[NW * HD];
+    if (split == 0 && h % G == 0 && (int)threadIdx.x < HD) {
+        const size_t at = ((size_t)g * cap + (L - 1)) * HD + threadIdx.x;
+        fd_poke(kc + at, kv[g * HD + threadIdx.x]);
+        fd_poke(vc + at, kv[(NKV + g) * HD + threadIdx.x]);
+    }
+    if ((int)threadIdx.x < HD) sm_q[threadIdx.x] = q[h * HD + threadIdx.x] * FD_SCALE;
+    __syncthreads();
+    float acc[DPL];
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) acc[d] = 0.0f;
+    float m = NEG_INF;
+    float l = 0.0f;
+    const KT* krows = kc + (size_t)g * cap * HD;
+    const KT* vrows = vc + (size_t)g * cap * HD;
+    const KT* knew = kv + g * HD;          /* this token's: not yet in the cache */
+    const KT* vnew = kv + (NKV + g) * HD;
+    for (int t0 = lo + warp * 32; t0 < hi; t0 += NW * 32) {
+        const int t = t0 + lane;
+        const int n = min(32, hi - t0);  /* this step's keys, 1 .. 32: uniform across the warp */
+        float s = NEG_INF;
+        if (t < hi) s = fd_lane_dot<HD>(t == L - 1 ? knew : krows + (size_t)t * HD, sm_q);
+        float mn = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mn = fmaxf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+        mn = fmaxf(m, mn);
+        const float c = expf(m - mn);  /* 0 on a warp's first keys (m = -inf) */
+        const float p = t < hi ? expf(s - mn) : 0.0f;
+        l = l * c + fd_sum(p);
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) acc[d] *= c;
+#pragma unroll 8
+        for (int k = 0; k < 32; ++k) {
+            const float pk = __shfl_sync(0xffffffffu, p, k);
+            if (k < n) {
+                const int tk = t0 + k;
+                const KT* vp = (tk == L - 1 ? vnew : vrows + (size_t)tk * HD) + lane * DPL;
+#pragma unroll
+                for (int d = 0; d < DPL; ++d) acc[d] += pk * fd_f(vp[d]);
+            }
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) sm_acc[warp * HD + lane * DPL + d] = acc[d];
+    __syncthreads();
+    if ((int)threadIdx.x < HD) {  /* the warps' partial softmaxes merged, as fd_attend's */
+        float M = NEG_INF;
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w]);
+        float total = 0.0f;
+        float o = 0.0f;
+        for (int w = 0; w < NW; ++w) {
+            if (sm_m[w] == NEG_INF) continue;  /* a warp that had no key */
+            const float e = expf(sm_m[w] - M);
+            total += sm_l[w] * e;
+            o += sm_acc[w * HD + threadIdx.x] * e;
+        }
+        float* mine = out + (size_t)vb * (HD + 2);
+        mine[threadIdx.x] = o;
+        if (threadIdx.x == 0) {
+            mine[HD] = M;
+            mine[HD + 1] = total;
+        }
+    }
+}
 /* (v, i) replaces (*bv, *bi) when larger, or equal with a smaller index: argmax's first index. */
 __device__ __forceinline__ void fd_better(float v, int i, float* bv, int* bi) {
     if (v > *bv || (v == *bv && i < *bi)) {
