@@ -82,7 +82,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     ``steps`` tokens; and the time per token of ``steps`` tokens of the step without marks, as
     generation runs it (each token read back while the next step runs).
     ``rows``: the rows form's options (``PersistentStep``'s ``row_keys``, ``row_unroll``,
-    ``row_group``, ``row_lanes``, ``blocks``, ``warps``);
+    ``row_group``, ``blocks``, ``warps``);
     ``marks=False``: that time only (one kernel compiled, not two)."""
 
     from quantref.generate import SamplerArgs
@@ -161,8 +161,7 @@ def persistent_marks(model, kv: str, ctx: int, steps: int, sync: str = "grid",
     out["warps"] = dec.persistent.warps
     out["blocks"] = dec.persistent.blocks
     out["rows"] = (f"{dec.persistent.row_keys} / {dec.persistent.row_unroll}"
-                   + (" / group" if dec.persistent.row_group else "")
-                   + (" / lanes" if dec.persistent.row_lanes else ""))
+                   + (" / group" if dec.persistent.row_group else ""))
     return out
 
 
@@ -215,9 +214,6 @@ def main() -> None:
     ap.add_argument("--row-group", default=None,
                     help="the rows form's attention a block per KV head (1) or per head (0), "
                          "comma-separated")
-    ap.add_argument("--row-lanes", default=None,
-                    help="the rows form's float-cache attention a key a lane (1) or a key a "
-                         "warp (0), comma-separated")
     ap.add_argument("--blocks", default=None,
                     help="the persistent step's blocks (default: one per SM), comma-separated")
     ap.add_argument("--warps", default=None,
@@ -259,7 +255,7 @@ def main() -> None:
     if args.persistent:
         print("\nInside it: us per token of each kind of phase (each ends at a grid barrier), "
               "and the time per token of the step without them as generation runs it:")
-        print("| ctx | KV | form | row keys / unroll (/ group, lanes) | blocks x warps | phases | last block starts | "
+        print("| ctx | KV | form | row keys / unroll (/ group) | blocks x warps | phases | last block starts | "
               "last block at the first barrier | embedding | qkv | attention | merge (or Wo) | ffn (gate,up + down) | logits | "
               "sum | generation us/token |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -268,15 +264,12 @@ def main() -> None:
             int(u) for u in args.row_unroll.split(",")]
         groups = [None] if args.row_group is None else [
             bool(int(x)) for x in args.row_group.split(",")]
-        lanes = [None] if args.row_lanes is None else [
-            bool(int(x)) for x in args.row_lanes.split(",")]
         blocks = [None] if args.blocks is None else [int(b) for b in args.blocks.split(",")]
         warps = [None] if args.warps is None else [int(w) for w in args.warps.split(",")]
         rows = [{k: v for k, v in (("row_keys", key), ("row_unroll", u), ("row_group", grp),
-                                   ("row_lanes", ln), ("blocks", nb), ("warps", nw))
-                 if v is not None}
-                for key in keys for u in unrolls for grp in groups for ln in lanes
-                for nb in blocks for nw in warps]
+                                   ("blocks", nb), ("warps", nw)) if v is not None}
+                for key in keys for u in unrolls for grp in groups for nb in blocks
+                for nw in warps]
         runs = [(c, kv, f, r) for c in contexts for kv in kvs for f in args.forms.split(",")
                 for r in (rows if f.startswith("rows") else [None])]
         for ctx, kv, sync, k in runs:

@@ -33,8 +33,7 @@ import numpy as np
 from _common import machine  # bench/ is the script's folder, so on sys.path
 
 MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-persistent",
-         "mlx-persistent-flags", "mlx-persistent-rows", "mlx-persistent-rows8",
-         "mlx-persistent-lanes", "mlx-persistent-warps", "mlx-op",
+         "mlx-persistent-flags", "mlx-persistent-rows", "mlx-persistent-rows8", "mlx-op",
          "mlx-prefill-plain")
 # mlx: lazy, one evaluation per token, as generation runs it (quantref_mlx.generate.Decoder's
 #   defaults: on CUDA with an fp32/fp16 cache the fused-kernel step, compiled; turbo_kv caches
@@ -46,9 +45,7 @@ MODES = ("numpy", "mlx", "mlx-plain", "mlx-plain-c", "mlx-fused-eager", "mlx-per
 #   phases ending at grid barriers; mlx-persistent-flags: the same, phases ending on flags;
 #   mlx-persistent-rows: every projection one row per warp over the grid (persistent.cu);
 #   mlx-persistent-rows8: the rows form, 8 greedy tokens a launch (Decoder(steps=8)), the
-#   kernel feeding its own argmax back in; mlx-persistent-lanes / -warps: the rows form with
-#   its float-cache attention a key a lane / a key a warp (PersistentStep(row_lanes=True /
-#   False), whichever the default is);
+#   kernel feeding its own argmax back in;
 # mlx-op: an evaluation after every operation (the per-op-sync pattern, --sync-every-op);
 # mlx-prefill-plain: as mlx, but a turbo_kv cache's prefill attention runs the plain graph
 #   instead of its CUDA kernel (quantref_mlx.turbo_prefill, which mlx uses on CUDA): the
@@ -59,21 +56,16 @@ DECODER = {"mlx": {}, "mlx-prefill-plain": {}, "mlx-plain": dict(compiled=False,
            "mlx-persistent": dict(persistent="grid"),
            "mlx-persistent-flags": dict(persistent="flags"),
            "mlx-persistent-rows": dict(persistent="rows"),
-           "mlx-persistent-rows8": dict(persistent="rows", steps=8),
-           "mlx-persistent-lanes": dict(persistent="rows", step=dict(row_lanes=True)),
-           "mlx-persistent-warps": dict(persistent="rows", step=dict(row_lanes=False)),
-           "mlx-op": dict(fused=False)}
+           "mlx-persistent-rows8": dict(persistent="rows", steps=8), "mlx-op": dict(fused=False)}
 DEFAULT_MODES = ("numpy", "mlx", "mlx-plain", "mlx-op")
 
 
 def applies(mode: str, kv: str) -> bool:
-    """Whether ``mode`` can decode with a ``kv`` cache (the fused step and the persistent
-    step's float-cache attention options: fp32 / fp16 only; the plain prefill's comparison:
-    turbo_kv only)."""
+    """Whether ``mode`` can decode with a ``kv`` cache (the fused step: fp32 / fp16 only;
+    the plain prefill's comparison: turbo_kv only)."""
     if mode == "mlx-prefill-plain":
         return kv.startswith("turbo_kv")
-    return mode not in ("mlx-fused-eager", "mlx-persistent-lanes", "mlx-persistent-warps") \
-        or kv in ("fp32", "fp16")
+    return mode != "mlx-fused-eager" or kv in ("fp32", "fp16")
 
 
 def build(args):
@@ -188,16 +180,7 @@ def _run_mlx(model, kv, ctx, steps, chunk, decoder_options):
     # buffers must not grow (nor a compiled step retrace, ~tens of ms) inside the timed loop.
     need = ctx + steps + 24  # the warm-up, and a persistent launch's 8 tokens ahead, each way
     cache.reserve(max(STEP, 1 << (need - 1).bit_length()))
-    options = dict(decoder_options)
-    step = options.pop("step", None)  # the persistent step's own options
-    decoder = Decoder(model, cache, sampler, **options)
-    if step is not None:
-        from quantref_mlx.fused_decode import TurboSpec
-        from quantref_mlx.persistent_decode import PersistentStep
-
-        p = decoder.persistent
-        decoder.persistent = PersistentStep(model, TurboSpec.of(cache), form=p.form,
-                                            sync=p.sync, steps=p.steps, **step)
+    decoder = Decoder(model, cache, sampler, **decoder_options)
     return prefill, timed_decode(decoder, sampler(logits), steps)
 
 

@@ -80,10 +80,6 @@ ROW_UNROLL = 4  # the rows form's attention: keys a warp loads at once (the fuse
 # The rows form's attention on float caches: a block per (KV head, split) for the KV head's
 # query heads together (fd_attend_group: each key read once for them), not per (head, split)
 ROW_GROUP = False  # measured (docs/benchmarks.md): faster at 8k, slower at 128-4k
-# The rows form's attention on float caches: a warp takes 32 keys at once, each lane one key's
-# whole dot product (fd_attend_lanes), not one key at a time summed across the warp. Measured
-# slower at every context (0.71-0.90x, docs/benchmarks.md sections 3 and 4)
-ROW_LANES = False
 ROW_MAX_SPLITS = 48  # the rows form's splits a head at most (the scratch's room)
 # Greedy tokens a launch that Decoder(steps=STEPS) and bench/decode_speed.py's
 # mlx-persistent-rows8 ask for (Decoder's default is 1: measured slower, docs/benchmarks.md
@@ -162,7 +158,7 @@ class PersistentStep:
                  blocks: int | None = None, warps: int = WARPS, times: bool = False,
                  sync: str = SYNC, form: str = FORM, row_keys: int | None = None,
                  row_unroll: int | None = None, row_group: bool | None = None,
-                 row_lanes: bool | None = None, steps: int = 1):
+                 steps: int = 1):
         if sync not in ("grid", "release", "flags"):
             raise ValueError(f"sync must be 'grid', 'release' or 'flags', not {sync!r}")
         if form not in ("fused", "rows"):
@@ -188,9 +184,6 @@ class PersistentStep:
         # within what persistent.cu gives it (GROUP there); else a block per head
         self.row_group = (ROW_GROUP if row_group is None else bool(row_group)) and (
             turbo is None and warps * (a.n_heads // a.n_kv_heads) * a.head_dim <= 4096)
-        # fd_attend_lanes: float caches, rows of 16-byte multiples (head_dim a multiple of 8)
-        self.row_lanes = (ROW_LANES if row_lanes is None else bool(row_lanes)) and (
-            turbo is None and not self.row_group and a.head_dim % 8 == 0)
         self._launchable = False  # probed on the first call (see _probe)
         layers = [_roles(lw) for lw in w.layers]
         self.bits = [lin.bits for lin in layers[0]]
@@ -312,7 +305,7 @@ class PersistentStep:
         logits, nxt = _kernel(*self.consts, bool(emb.bits), bool(out.bits), self.turbo,
                               self.times, self.sync == "flags", self.form == "rows",
                               self.row_keys, self.row_unroll, self.sync == "release",
-                              self.row_group, ROW_MAX_SPLITS, self.steps, self.row_lanes)(
+                              self.row_group, ROW_MAX_SPLITS, self.steps)(
             inputs=inputs, template=template,
             output_shapes=[(vocab,) if self.steps == 1 else (self.steps, vocab),
                            (4 + self.steps,)],
@@ -333,7 +326,7 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
             turbo: "fd.TurboSpec | None" = None, times: bool = False, flags: bool = False,
             rows: bool = False, row_keys: int = ROW_KEYS, row_unroll: int = ROW_UNROLL,
             acqrel: bool = False, row_group: bool = ROW_GROUP,
-            row_max_splits: int = ROW_MAX_SPLITS, steps: int = 1, row_lanes: bool = ROW_LANES):
+            row_max_splits: int = ROW_MAX_SPLITS, steps: int = 1):
     none = "((const float*)nullptr), ((const float*)nullptr)"
     names = ["token", "pos", "wemb"] + (["wemb_scales", "wemb_biases"] if embed_quantized else [])
     names += ["onw", "wout"] + (["wout_scales", "wout_biases"] if out_quantized else [])
@@ -352,7 +345,6 @@ def _kernel(eps: float, scale: float, embed_quantized: bool, out_quantized: bool
               + f"#define FD_ROW_KEYS {int(row_keys)}\n#define FD_ROW_UNROLL {int(row_unroll)}\n"
               + f"#define FD_ACQREL {int(acqrel)}\n#define FD_ROW_GROUP {int(row_group)}\n"
               + f"#define FD_ROW_MAX_SPLITS {row_max_splits}\n#define FD_STEPS {int(steps)}\n"
-              + f"#define FD_ROW_LANES {int(row_lanes)}\n"
               + kernels.source("fused_common.cuh") + kernels.source("persistent.cuh"))
     if turbo is not None:
         header += turbo.header() + kernels.source("turbo_attend.cuh")

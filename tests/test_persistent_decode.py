@@ -66,18 +66,6 @@ def test_row_group_is_taken_only_where_the_kernel_takes_it(model):
     assert not pd.PersistentStep(model, turbo, blocks=132, row_group=True).row_group
 
 
-def test_row_lanes_is_taken_only_where_the_kernel_takes_it(model):
-    """A key a lane (fd_attend_lanes): float caches, and not with row_group, which takes the
-    attention itself."""
-    from quantref_mlx.fused_decode import TurboSpec
-
-    assert pd.PersistentStep(model, blocks=132, row_lanes=True).row_lanes
-    assert not pd.PersistentStep(model, blocks=132, row_lanes=False).row_lanes
-    assert not pd.PersistentStep(model, blocks=132, row_lanes=True, row_group=True).row_lanes
-    turbo = TurboSpec.of(model.make_cache("turbo_kv_4b"))
-    assert not pd.PersistentStep(model, turbo, blocks=132, row_lanes=True).row_lanes
-
-
 class _FakeStep:
     """Stands in for PersistentStep on any machine (Decoder's bookkeeping, not the kernel): a
     launch of ``steps`` greedy tokens where each token's successor is ``f(token, position)``;

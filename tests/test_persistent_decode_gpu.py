@@ -62,22 +62,14 @@ CACHES = [("fp16", {}), ("fp32", {}), ("turbo_kv_4b", {}),
 # 20, and at 600 the most, 44, of 14 positions each, the last empty (43 x 14 > 600);
 # "rowsgroup", its attention a block per KV head and split for the KV head's query heads
 # (fd_attend_group: float caches only), 38 splits at 600; "release", the fused form with the
-# release / acquire grid barrier; "lanes", the rows form's attention a key a lane
-# (fd_attend_lanes: float caches only) with its default splits, "lanes16" with 38 at 600, and
-# "lanes1" with one (601 keys in one block: a warp's second 32 keys at 512, the online softmax
-# across them)
+# release / acquire grid barrier
 STEPS = {"rows16": dict(form="rows", row_keys=16), "rows8": dict(form="rows", row_keys=8),
          "rowsgroup": dict(form="rows", row_group=True, row_keys=16),
-         "release": dict(form="fused", sync="release"),
-         "lanes": dict(form="rows", row_lanes=True),
-         "lanes16": dict(form="rows", row_lanes=True, row_keys=16),
-         "lanes1": dict(form="rows", row_lanes=True, row_keys=1024)}
-FLOAT_ONLY = ("rowsgroup", "lanes", "lanes16", "lanes1")
+         "release": dict(form="fused", sync="release")}
 RUNS = [(kv, o, sync, ctx, cap) for kv, o in CACHES for ctx, cap in ((20, 256), (600, 1024))
         for sync in ("grid", "flags", "rows", *STEPS)
-        if sync == "grid" or (kv in ("fp16", "turbo_kv_4b")
-                              or kv == "fp32" and sync.startswith("lanes"))
-        and not (sync in FLOAT_ONLY and kv.startswith("turbo"))]
+        if sync == "grid" or kv in ("fp16", "turbo_kv_4b") and not (
+            sync == "rowsgroup" and kv.startswith("turbo"))]
 
 
 @pytest.mark.parametrize("kv, options, sync, ctx, capacity", RUNS,
@@ -92,7 +84,6 @@ def test_logits_are_the_fused_steps_bit_for_bit(model, kv, options, sync, ctx, c
     pers = Decoder(model, pers_cache, greedy, persistent=sync if sync not in STEPS else True)
     if sync in STEPS:
         pers.persistent = pd.PersistentStep(model, fd.TurboSpec.of(pers_cache), **STEPS[sync])
-        assert pers.persistent.row_lanes == sync.startswith("lanes")
     assert pers_cache.capacity == fused_cache.capacity == capacity
     token = y
     for _ in range(12):

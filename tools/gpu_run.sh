@@ -226,7 +226,9 @@ stop12b)  # within 30 s of stop12a, same lease: the same-run table (docs/benchma
   bash "$0" stop11b
   ;;
 stop12c)  # one call: setup, llama.cpp's build (niced, in the background) while the GPU tests of
-  # the rows form's attention a key a lane and its marks run; then the same-run table with it
+  # the rows form's attention a key a lane and its marks run; then the same-run table with it.
+  # As run at commit dcfd75e, whose experiment (row_lanes, --row-lanes, the mode
+  # mlx-persistent-lanes) the next commit removed: run it there (git checkout dcfd75e)
   bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
   (nice -n 19 bash .device/llamacpp-cuda/build.sh > /tmp/llbuild.log 2>&1
    echo "rc=$?" >> /tmp/llbuild.log) &

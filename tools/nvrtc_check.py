@@ -181,15 +181,13 @@ def record_all(recorder: Recorder, full: bool = False) -> None:
                     k, v = cache.take_buffers()
                     kc, vc = (mx.stack([b[0] for b in bufs]) for bufs in (k, v))
                     # (the last: greedy decoding's default, STEPS tokens a launch)
-                    # (the last but one: the rows form's attention a key a lane)
-                    for sync, form, steps, lanes in (
-                            ("grid", "fused", 1, False), ("flags", "fused", 1, False),
-                            ("grid", "rows", 1, False), ("release", "rows", 1, False),
-                            ("grid", "rows", pd.STEPS, False), ("grid", "rows", 1, True),
-                            ("grid", "fused", pd.STEPS, False)):
+                    for sync, form, steps in (("grid", "fused", 1), ("flags", "fused", 1),
+                                              ("grid", "rows", 1), ("release", "rows", 1),
+                                              ("grid", "rows", pd.STEPS),
+                                              ("grid", "fused", pd.STEPS)):
                         step = pd.PersistentStep(model, fd.TurboSpec.of(cache), blocks=132,
                                                  sync=sync, times=sync == "flags", form=form,
-                                                 steps=steps, row_lanes=lanes)
+                                                 steps=steps)
                         step._launchable = True  # no probe launch while recording
                         step(mx.array([1, 0, 0, 0], mx.int32), fd.position(3), kc, vc)
                     cache.give_buffers(k, v, 0)

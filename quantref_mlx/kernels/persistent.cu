@@ -43,7 +43,6 @@ Outputs: logits float32 [FD_STEPS, VOCAB] (each token's); next int32 [4 + FD_STE
          held SMs), 2 token[0] out of range, 3 an earlier launch failed (the scratch's error
          flag is set: the host makes a new one). pos[0] + FD_STEPS - 1 < CAP (the host's).
 FD_ROWS 1: the rows form (see below): every projection one output row per warp over the grid.
-FD_ROW_LANES 1 (the rows form, float caches): attention a key a lane (fd_attend_lanes).
 FD_FLAGS 1: phases end with fd_phase_end (persistent.cuh) instead of a grid barrier.
 FD_ACQREL 1: the grid barrier's arrival a release reduction, its wait acquire loads (persistent.cuh).
 FD_TIMES 1 (bench/decode_phases.py only): block 0 also writes the global timer at its start and
@@ -303,12 +302,6 @@ Template: DIM, NL, NH, NKV, HD, DPL, NW, U, H, SL, VOCAB, BQKV, BO, BGU, BDN (th
                 fd_attend_group<NH, NKV, HD, DPL, NW, UA>(vb, SR, qv, kvt, kcl, vcl, cap, cur,
                                                           splits);
                 __syncthreads();  /* the block's shared memory, free for its next index */
-            }
-        } else if (FD_ROW_LANES) {  /* a key a lane (persistent.cuh) */
-            for (int vb = b; vb < units; vb += nb) {
-                fd_attend_lanes<NH, NKV, HD, DPL, NW>(vb, SR, qv, kvt, kcl, vcl, cap, cur,
-                                                      splits);
-                __syncthreads();
             }
         } else
 #endif
