@@ -3,7 +3,8 @@
 A decode step (:func:`decode_step`) only *builds* the token's graph: all layers, the cache
 update, the logits and the sampling; the loop evaluates it once. As in mlx-lm, step n+1's graph
 is built while step n runs (``mx.async_eval``), and the only host transfer per token is reading
-the sampled id back (``.item()``), which is the output itself (a sampled, not greedy, step also
+the sampled id back (``.item()``), the output itself or, from a CUDA kernel, an 8-byte copy of
+it (:func:`_host_copy`) (a sampled, not greedy, step also
 sends the draw's one float the other way). Sampling is :mod:`quantref.generate`'s: llama.cpp's
 chain and random stream, so a seed gives the same tokens here as there where the logits agree.
 The prompt is prefilled in chunks, one evaluation per chunk.
