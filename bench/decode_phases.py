@@ -215,9 +215,9 @@ def main() -> None:
                     help="the rows form's attention a block per KV head (1) or per head (0), "
                          "comma-separated")
     ap.add_argument("--blocks", default=None,
-                    help="the persistent step's blocks (default: one per SM), comma-separated")
+                    help="the rows form's blocks (default: one per SM), comma-separated")
     ap.add_argument("--warps", default=None,
-                    help="the persistent step's warps a block (default: its own), "
+                    help="the rows form's warps a block (default: its own), "
                          "comma-separated")
     ap.add_argument("--generation-only", action="store_true",
                     help="the persistent step's time as generation runs it only (no timer "

@@ -8,7 +8,8 @@ most the reads could cost), measured in one run on one machine.
 Why: MLX on CUDA keeps a kernel's outputs in device memory; the host reading one moves its whole
 buffer into managed memory (a new allocation and a copy), and a later output reusing that
 buffer has the GPU fault its page back, before the kernel's first timer mark. Arrays of 8 bytes
-or less live in a pool of managed memory that both sides map.
+or less live in a pool of managed memory that both sides map. Every mode builds and evaluates
+the copy (one small kernel a token); they differ only in what the host reads.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def main() -> None:
     from quantref_mlx.generate import Decoder, make_sampler
     from quantref_mlx.model import from_oracle
 
-    model = from_oracle(random_model(seed=0), weights="quantized")
+    # SmolLM2-135M-Instruct's layout, as decode_speed.py and decode_phases.py: 4-bit layers, an
+    # 8-bit embedding and output
+    model = from_oracle(random_model(seed=0), weights="quantized", bits=4, embed_bits=8)
     sampler = make_sampler(SamplerArgs())
     print(machine())
     print("| ctx | KV | steps a launch | " + " | ".join(f"{r} tok/s" for r in READS)

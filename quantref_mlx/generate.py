@@ -13,6 +13,7 @@ The prompt is prefilled in chunks, one evaluation per chunk.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -243,6 +244,8 @@ class Decoder:
             self._whole = None  # (kc, vc): the cache's buffers, whole-model
             self._pos = None
             self._next = None  # the last call's (token view, next int32 [4 + steps], logits)
+            # the last two launches' next, oldest first: a failed launch's reason (check)
+            self._launches = deque(maxlen=2)
             # steps > 1: the launch handing out tokens (next, logits, tokens handed out, the
             # cache length then)
             self._launch = None
@@ -352,8 +355,8 @@ class Decoder:
         if greedy_here:
             y = _host_copy(nxt[4:5])
         else:  # the sampler's token, or -1 where the kernel failed (its logits are garbage)
-            y = _host_copy(mx.where(nxt[1:2] == 0, self.sampler(logits.reshape(1, -1)).reshape(-1)
-                                    .astype(mx.int32), -1))
+            y = mx.where(nxt[1:2] == 0, self.sampler(logits.reshape(1, -1)).reshape(-1)
+                     .astype(mx.int32), -1)  # (a new 4-byte array: MLX's small pool)
         self._next = (y, nxt, logits)
         return y
 
@@ -363,6 +366,7 @@ class Decoder:
         before its next hand-out); the position advances by ``steps``."""
         step = self.persistent
         nxt, logits = step(token, self._pos[0], *self._whole)
+        self._launches.append(nxt)
         at = self._pos[1]
         self._pos = (self._pos[0] + self._advance, at + step.steps)
         return (nxt, logits, 0, at)
@@ -380,11 +384,14 @@ class Decoder:
     def check(self, token: int) -> int:
         """``token`` as read back from the device; raises
         :class:`~quantref_mlx.persistent_decode.DecodeKernelError` when the persistent kernel
-        failed (it returns -1 then, and says why)."""
+        failed (it returns -1 then, and says why). The reason is the first failed launch's of
+        the last two: generation starts the next launch before it reads a token, and that one,
+        from the failed launch's -1, fails too (token outside the vocabulary)."""
         if token < 0 and self.persistent is not None:
-            code = int(self._next[1][1].item()) if self._next is not None else 0
+            codes = [int(nxt[1].item()) for nxt in self._launches]
             self._launch = None  # a failed launch hands out nothing more
-            raise self.persistent.error(code)
+            self._launches.clear()
+            raise self.persistent.error(next((c for c in codes if c), 0))
         return token
 
 

@@ -72,6 +72,7 @@ class _FakeStep:
     records each launch's position."""
 
     launches: list = []
+    fail_at = None  # a position whose launch fails as a barrier that waited too long does
 
     def __init__(self, model, turbo=None, steps=1, **options):
         self.steps, self.vocab = steps, model.args.vocab_size
@@ -82,8 +83,16 @@ class _FakeStep:
         import mlx.core as mx
 
         # what the kernel writes, positions pos .. pos + steps - 1, within the buffers
-        assert int(np.array(pos)[0]) + self.steps <= kc.shape[2] == vc.shape[2]
+        at = int(np.array(pos)[0])
+        assert at + self.steps <= kc.shape[2] == vc.shape[2]
         self.launches.append(pos)
+        first = int(np.array(token)[0])
+        code = 2 if not 0 <= first < self.vocab else (
+            1 if self.fail_at is not None and at <= self.fail_at < at + self.steps else 0)
+        if code:  # as the kernel fails: next[0] -1, next[1] the reason, no token
+            nxt = mx.array(np.array([-1, code, 0, 0] + [-1] * self.steps, np.int32))
+            logits = mx.zeros((self.steps, self.vocab), mx.float32)
+            return nxt, logits if self.steps > 1 else logits[0]
         t, tokens = token[0], []
         for s in range(self.steps):
             t = f(t, pos[0] + s, self.vocab)
@@ -92,6 +101,10 @@ class _FakeStep:
                               mx.zeros((2,), mx.int32), mx.stack(tokens)]).astype(mx.int32)
         logits = mx.stack([mx.arange(self.vocab) == x for x in tokens]).astype(mx.float32)
         return nxt, logits if self.steps > 1 else logits[0]
+
+
+    def error(self, code):
+        return pd.DecodeKernelError(pd.REASONS[code])
 
 
 def _within(view, whole) -> bool:
@@ -177,3 +190,28 @@ def test_decoder_launches_stay_within_the_buffers_as_the_cache_grows(model, monk
         t = f(t, 250 + n, vocab)
         assert dec.check(y.item()) == t
     assert cache.length == 270 and cache.capacity >= 270
+
+
+def test_a_failed_launch_is_reported_with_its_own_reason(model, monkeypatch):
+    """Generation starts the next launch before it reads a token; when the token read is -1 (its
+    launch failed: here a barrier that waited too long), the launch after it has failed too, from
+    that -1 (a token outside the vocabulary); check() gives the first launch's reason."""
+    import importlib
+
+    import mlx.core as mx
+
+    generate = importlib.import_module("quantref_mlx.generate")
+    monkeypatch.setattr(generate, "persistent_supported", lambda model, cache: None)
+    monkeypatch.setattr(generate, "PersistentStep", _FakeStep)
+    monkeypatch.setattr(_FakeStep, "fail_at", 8)
+    cache = model.make_cache("fp16")
+    mx.eval(model.forward([1, 2, 3, 4, 5], cache, last_only=True), cache.state())
+    dec = generate.Decoder(model, cache, generate.greedy, persistent=True)
+    y, read = mx.array([9], mx.uint32), []
+    with pytest.raises(pd.DecodeKernelError, match="grid barrier"):
+        for _ in range(8):  # as stream_generate runs the step
+            nxt = dec(y)
+            mx.async_eval(nxt)
+            read.append(dec.check(y.item()))
+            y = nxt
+    assert len(read) == 4  # the tokens of positions 5, 6 and 7 (and the prompt's 9) were read

@@ -28,6 +28,7 @@
 #   bash tools/gpu_run.sh stop12b   # the same-run table (as stop11b)
 #   bash tools/gpu_run.sh stop12c   # setup; GPU tests and marks of the attention a key a lane;
 #                                   # then the same-run table with it (one call)
+#   bash tools/gpu_run.sh stop12d   # the Decoder's and the rows form's GPU tests (the code since)
 #   bash tools/gpu_run.sh session1  # (an earlier lease's) checks, then within 30 s, same lease:
 #   bash tools/gpu_run.sh session2  # its figures
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
@@ -241,6 +242,11 @@ stop12c)  # one call: setup, llama.cpp's build (niced, in the background) while 
     --contexts 128,1024,4096,8192 "${LLAMA[@]}" --mlx-lm --json "$O/bench.json" \
     > "$O/bench.txt" 2> "$O/bench.err"; grep "^| [0-9]" "$O/bench.txt"; tail -3 "$O/bench.err"
   ;;
+stop12d)  # the code as it stands after stop12c: the Decoder's bookkeeping and the rows form
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  persistent_tests 170 "decoder_takes or tokens_of_one_launch or sampled or outside or \
+    (resident and grid) or (fp16 and rows- and 600)"
+  ;;
 gap)  # what reading each token back costs (bench/host_read.py), the step's marks, Decoder tests
   bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
   timeout 240 python3 bench/host_read.py --contexts 128,4096 --kv fp16,turbo_kv_4b \
@@ -249,6 +255,6 @@ gap)  # what reading each token back costs (bench/host_read.py), the step's mark
     --kv fp16 --ctx 128,4096 --steps 24 > "$O/phases.txt" 2>&1; grep "^|" "$O/phases.txt" | cut -c1-220
   persistent_tests 150 "decoder_takes or tokens_of_one_launch or sampled or outside"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|session1|session2"
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|stop12d|session1|session2"
    exit 2 ;;
 esac
