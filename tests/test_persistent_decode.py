@@ -102,7 +102,6 @@ class _FakeStep:
         logits = mx.stack([mx.arange(self.vocab) == x for x in tokens]).astype(mx.float32)
         return nxt, logits if self.steps > 1 else logits[0]
 
-
     def error(self, code):
         return pd.DecodeKernelError(pd.REASONS[code])
 
