@@ -380,6 +380,14 @@ def main() -> None:
               f"{r['decode']:.1f} | {ratio(r, find(r['ctx'], r['kv'], 'mlx'))} | "
               f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'))} | {ratio(r, best_q4)} | "
               f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'), 'prefill')} |")
+    # Issue 9's plain-graph comparison: what Metal (and a GPU without the fused step) runs, as
+    # Decoder runs each cache there: turbo_kv compiled, fp16 op by op.
+    plain = [(ctx, kv) for ctx in contexts for kv in kvs if kv.startswith("turbo")
+             and find(ctx, kv, "mlx-plain-c") and find(ctx, "fp16", "mlx-plain")]
+    for ctx, kv in plain:
+        t, f = find(ctx, kv, "mlx-plain-c"), find(ctx, "fp16", "mlx-plain")
+        print(f"plain graph, context {ctx}: {kv} compiled / fp16 op by op (as Decoder runs each "
+              f"without the fused step): decode {t['decode'] / f['decode']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

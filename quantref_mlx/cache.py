@@ -458,15 +458,22 @@ class StepCache:
         self.k, self.v = list(k), list(v)
         self.offset = offset  # int32 scalar: the position of this step's first token
         self.capacity = k[0][0].shape[1]
+        self._masks: dict[int, mx.array] = {}  # T -> the step's mask, built once for every layer
 
     @property
     def fused_attention(self) -> bool:
         return self.k_codec.plain and self.v_codec.plain
 
     def mask(self, T: int) -> mx.array:
-        q_pos = self.offset + mx.arange(T)[:, None]
-        k_pos = mx.arange(self.capacity)[None, :]
-        return mx.where(k_pos > q_pos, mx.array(-mx.inf, mx.float32), mx.array(0.0, mx.float32))
+        """Additive ``float32 [T, capacity]``: -inf on keys after each query's position. One
+        array for every layer of the step: inside ``mx.compile`` two equal ``arange`` nodes are
+        not merged, so a mask built per layer costs its kernels once per layer."""
+        if T not in self._masks:
+            q_pos = self.offset + mx.arange(T)[:, None]
+            k_pos = mx.arange(self.capacity)[None, :]
+            self._masks[T] = mx.where(k_pos > q_pos, mx.array(-mx.inf, mx.float32),
+                                      mx.array(0.0, mx.float32))
+        return self._masks[T]
 
     def append(self, layer: int, k: mx.array, v: mx.array) -> None:
         at = self.offset.reshape(1)

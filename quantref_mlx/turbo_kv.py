@@ -772,6 +772,28 @@ def _symmetric_lookup(idx: mx.array, nb: int, upper: list[mx.array]) -> tuple[mx
     return top == 1, level[0]
 
 
+def _packed_lookup(idx: mx.array, nb: int, upper: np.ndarray) -> tuple[mx.array, mx.array]:
+    """:func:`_symmetric_lookup` for a table of small integers (the int8 tables): ``upper`` (the
+    table's upper half, integers in 0..255) packed a byte each into one or two 64-bit constants,
+    and a magnitude read by a shift and a mask: the same float32 values (each an integer, so
+    exact), from two constants instead of ``2**(nb-1)`` (``mx.compile`` stops fusing a kernel at
+    24 inputs, scalar constants included) and a shallower graph than the select tree."""
+    half = len(upper)
+    if not all(0 <= int(v) <= 255 for v in upper):
+        raise AssertionError("a packed table needs magnitudes in 0..255")  # the int8 tables do
+    words = [int(sum(int(v) << (8 * j) for j, v in enumerate(upper[w:w + 8])))
+             for w in range(0, half, 8)]
+    top = idx >> (nb - 1)
+    low = half - 1
+    # the magnitude's index: idx - half in the upper half, half - 1 - idx in the lower
+    m = mx.where(top == 1, idx & low, low - (idx & low)).astype(mx.uint64)
+    word = mx.array(words[0], mx.uint64)
+    if len(words) == 2:
+        word = mx.where(m >= 8, mx.array(words[1], mx.uint64), word)
+    byte = (word >> ((m & 7) << 3)) & mx.array(0xFF, mx.uint64)
+    return top == 1, byte.astype(mx.float32)
+
+
 def _rotate_fast(x: mx.array) -> mx.array:
     """:func:`rotate` of ``x float32 [..., cd]`` in two primitives: the sign flip (exact), then
     ``mx.hadamard_transform`` scaled by ``float32(1) / sqrtf(n2)``. MLX's CPU, CUDA and Metal
@@ -798,9 +820,12 @@ def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
 
     - the query rotated by :func:`_rotate_fast` (two primitives, :func:`rotate`'s bits);
     - the keys in rotated space, ``T[idx] * factor`` with ``factor = norm / s`` or
-      ``norm * (R / s)``: element-wise operations only (byte views, shifts, masks, a select tree
-      for the table, the fp16 header decoded by a widening conversion), which ``mx.compile`` fuses
-      into one to three kernels (5-bit indices need a 64-bit word and a deeper tree);
+      ``norm * (R / s)``: element-wise operations only (byte views, shifts, masks, the int8
+      table read from bytes packed in 64-bit constants or the float32 codebook by a select tree,
+      the fp16 header decoded by a widening conversion), which ``mx.compile`` fuses into one
+      kernel (4 bits) or two (3 and 5 bits, the int8 table; 3 with the float32 codebook at 5
+      bits): 3- and 5-bit indices are assembled from bytes, a deeper graph than MLX fuses
+      into one kernel (depth 11);
     - one matmul.
 
     The arithmetic is the one :func:`_rotated_keys` and :func:`_rotate_chunks` describe, so the
@@ -836,14 +861,19 @@ def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
             idx = (_index_words(blocks, c, nb, groups) >> shifts) & mask  # [..., N, groups, 8]
             if nb > 4:  # a 64-bit word: the tree on bytes, in a kernel of its own
                 idx = _fusion_barrier(idx.astype(mx.uint8))
-            upper_half, magnitude = _symmetric_lookup(idx, nb, upper)
-            # +-factor exactly, then one rounding: T[idx] * factor. Which form fuses into fewer
-            # kernels depends on the kind (MLX fuses a node with two consumers, here factor, at
-            # the deeper one's depth; 3 and 5 bits have the deeper graphs): measured with
-            # bench/decode_prims.py, 4-5 kernels a chunk instead of 6-8 the other way round.
-            if nb == 4:
+            # +-T[idx] or +-factor exactly, then one rounding: T[idx] * factor. Which form
+            # fuses into fewer kernels depends on the path and the kind (MLX fuses a node with
+            # two consumers, here factor, at the deeper one's depth, and stops at 24 inputs,
+            # each scalar constant one): measured with bench/decode_prims.py and counted by
+            # tests/test_mlx_turbo_kv.py.
+            if unit is not None:  # the int8 table: the sign on the integer, the factor last
+                upper_half, magnitude = _packed_lookup(idx, nb, INT8_TABLES[kind][half:])
+                keys = (magnitude * mx.where(upper_half, _f32(1), _f32(-1))) * factor
+            elif nb == 4:
+                upper_half, magnitude = _symmetric_lookup(idx, nb, upper)
                 keys = magnitude * (factor * mx.where(upper_half, _f32(1), _f32(-1)))
             else:
+                upper_half, magnitude = _symmetric_lookup(idx, nb, upper)
                 keys = magnitude * mx.where(upper_half, factor, -factor)
             keys = keys.reshape(*lead, n, groups * 8)
             if groups * 8 != cd:

@@ -178,6 +178,26 @@ def test_a_decode_step_is_built_without_evaluating(tiny, monkeypatch):
         monkeypatch.undo()
 
 
+def test_a_compiled_step_builds_its_mask_once(tiny):
+    """The compiled step's additive mask ([T, capacity], -inf after each query's position) is one
+    array for every layer: mx.compile does not merge equal aranges, so a mask built per layer
+    launched its kernels once per layer (2 of a turbo_kv layer's ~30 on a GPU)."""
+    from quantref_mlx.cache import StepCache
+
+    mm = tiny[1]
+    cache = mm.make_cache("turbo_kv_4b")
+    mx.eval(mm.forward([5, 6, 7], cache, last_only=True), cache.state())
+    cache.reserve(256)
+    k, v = cache.take_buffers()
+    view = StepCache(cache.k_codec, cache.v_codec, k, v, mx.array(3, mx.int32))
+    mask = view.mask(1)
+    assert view.mask(1) is mask
+    expected = np.where(np.arange(256) > 3, -np.inf, 0.0).astype(np.float32)[None]
+    assert np.array_equal(np.array(mask), expected)
+    two = np.array(view.mask(2))  # queries at positions 3 and 4
+    assert np.array_equal(two[1], np.where(np.arange(256) > 4, -np.inf, 0.0))
+
+
 def test_generation_evaluates_once_per_token(tiny, monkeypatch):
     counter = _Counter(monkeypatch)
     n = 10
