@@ -184,28 +184,8 @@ __device__ void fd_turbo_attend(int vb, int nvb, const float* q, const float* kv
             if (last) {
 #pragma unroll
                 for (int d = 0; d < DPL; ++d) vv[u][d] = sm_v[e0 + d];
-            } else if (VT == 0 || VT == 1) {
-                const size_t at = ((size_t)g * cap + t) * HD + e0;
-#pragma unroll
-                for (int d = 0; d < DPL; ++d)
-                    vv[u][d] = VT == 0 ? reinterpret_cast<const float*>(vc)[at + d]
-                                       : __half2float(reinterpret_cast<const __half*>(vc)[at + d]);
             } else {
-                constexpr int PK = VT == 2 ? 16 : 8;
-                const unsigned char* grp = reinterpret_cast<const unsigned char*>(vc)
-                    + ((size_t)g * cap + t) * VB + (e0 / 32) * (4 + PK);
-                const float dq = *reinterpret_cast<const float*>(grp);
-#pragma unroll
-                for (int d = 0; d < DPL; ++d) {
-                    const int e = (e0 + d) % 32;
-                    if (VT == 2) {
-                        const unsigned code = (grp[4 + e / 2] >> ((e & 1) * 4)) & 0xFu;
-                        vv[u][d] = __fmul_rn((float)code - 8.0f, dq);
-                    } else {
-                        const unsigned code = (grp[4 + e / 4] >> ((e & 3) * 2)) & 0x3u;
-                        vv[u][d] = __fmul_rn(tk_q2[code], dq);
-                    }
-                }
+                tk_lane_value<HD, DPL, VT, VB>(vc, (size_t)g * cap + t, e0, vv[u]);
             }
         }
         float mn = m;

@@ -1,6 +1,11 @@
-/* turbo_key.cuh: one turbo_kv key chunk written by a warp and read by a lane, as the decode
-step (turbo_attend.cuh) and the prefill (turbo_prefill_quantize.cu, turbo_prefill_attend.cu)
-write and read them.
+/* turbo_key.cuh: one turbo_kv key chunk written by a warp and read by a lane, and a lane's share
+of a stored value, as the decode step (turbo_attend.cuh) and the prefill
+(turbo_prefill_quantize.cu, turbo_prefill_attend.cu) write and read them.
+
+tk_lane_value<HD, DPL, VT, VB>(vc, row, e0, vv): this lane's DPL elements e0 .. e0 + DPL - 1 of
+the value stored at row ``row`` (KV head times capacity plus position) of vc: VT 0 float32,
+1 float16 ([rows, HD]); 2 q4 ((q - 8) * dq), 3 q2 (Q2[q] * dq, tk_q2), each 32 elements a group
+of a float32 dq and the packed codes ([rows, VB] bytes).
 
 tk_warp_quantize<CD, NLEV, KBITS, BB>(x, r, idx, blk, lane): a warp writes the block ``blk``
 [BB] of the chunk x [CD] (float32, a power of two), the bytes of turbo_kv_quantize.cu
@@ -9,8 +14,8 @@ sums the squares sequentially (ss = ss + x[i] * x[i], as quant.cpp), norm = sqrt
 1 / norm, the sign flip, the Walsh-Hadamard butterfly across the warp in shared memory (r:
 [CD] floats of the warp's own), times 1 / sqrt(CD), s = CENT_MAX / max|r|, the first nearest
 centroid of each r * s (idx: [CD] bytes of the warp's own), packed LSB-first after the 8-byte
-header (truncating fp16 norm and s). Needs TK_CMAX, tk_cent and tk_f16_trunc before it
-(TurboSpec.header, turbo_kv_common.cuh).
+header (truncating fp16 norm and s). Needs TK_CMAX, tk_cent, tk_q2 and tk_f16_trunc before
+them (TurboSpec.header, turbo_kv_common.cuh).
 
 tk_lane_key<KBITS, DPL, CD, PATH>(blk, i0, sm_tab, y, norm, sc): the block ``blk`` (a chunk of
 CD elements: the header's fp16 norm at bytes 0-1 and scale s at 4-5, then the KBITS-bit
@@ -25,6 +30,32 @@ chunk positions i0 .. i0 + DPL - 1, in y:
     ((i0 + d) odd ? y[d] : -y[d]) * norm (the caller applies it), bit for bit
     turbo_kv_dequantize.cu's values.
 Needs tk_f16_decode (turbo_kv_common.cuh) before it. */
+template <int HD, int DPL, int VT, int VB, typename VCT>
+__device__ __forceinline__ void tk_lane_value(const VCT* vc, size_t row, int e0, float* vv) {
+    if (VT == 0 || VT == 1) {
+        const size_t at = row * HD + e0;
+#pragma unroll
+        for (int d = 0; d < DPL; ++d)
+            vv[d] = VT == 0 ? reinterpret_cast<const float*>(vc)[at + d]
+                            : __half2float(reinterpret_cast<const __half*>(vc)[at + d]);
+    } else {
+        constexpr int PK = VT == 2 ? 16 : 8;
+        const unsigned char* grp = reinterpret_cast<const unsigned char*>(vc) + row * VB
+            + (e0 / 32) * (4 + PK);
+        const float dq = *reinterpret_cast<const float*>(grp);
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) {
+            const int e = (e0 + d) % 32;
+            if (VT == 2) {
+                const unsigned code = (grp[4 + e / 2] >> ((e & 1) * 4)) & 0xFu;
+                vv[d] = __fmul_rn((float)code - 8.0f, dq);
+            } else {
+                const unsigned code = (grp[4 + e / 4] >> ((e & 3) * 2)) & 0x3u;
+                vv[d] = __fmul_rn(tk_q2[code], dq);
+            }
+        }
+    }
+}
 template <int CD, int NLEV, int KBITS, int BB>
 __device__ __forceinline__ void tk_warp_quantize(const float* x, float* r, unsigned char* idx,
                                                  unsigned char* blk, int lane) {

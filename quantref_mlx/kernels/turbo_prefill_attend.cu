@@ -20,8 +20,8 @@ does.
 2. An online softmax (scores scaled by TP_SCALE: 1/sqrt(HD), or 1 where the model scales its
    queries) and the values, read from their own storage and decoded in registers: fp32 / fp16
    as they are, q4 (q - 8) * dq, q2 Q2[q] * dq.
-A key chunk is read as turbo_attend.cu reads it (tk_lane_key, turbo_key.cuh, both files'); the
-value decoding is copied from turbo_attend.cu: a change to how values are read belongs in both.
+Keys and values are read as turbo_attend.cu reads them (tk_lane_key, tk_lane_value:
+turbo_key.cuh, both files').
 
 How (a flash-attention loop on CUDA cores, float32 throughout, as before): one block of NW
 warps per (KV head g, tile of TQ rows): its NQ = TQ * G queries are the tile's rows times the G
@@ -144,34 +144,6 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
     }
     float* const pw = sm_p + warp * QW * KT;
 
-    /* This lane's DPL elements of the value at position tv, decoded from its storage (fp32,
-       fp16, q4, q2: the bits of turbo_attend.cu). */
-    auto value_row = [&](int tv, float* vv) {
-        if (VT == 0 || VT == 1) {
-            const size_t at = ((size_t)g * cap + tv) * HD + e0;
-#pragma unroll
-            for (int d = 0; d < DPL; ++d)
-                vv[d] = VT == 0 ? reinterpret_cast<const float*>(vc)[at + d]
-                                : __half2float(reinterpret_cast<const __half*>(vc)[at + d]);
-        } else {
-            constexpr int PK = VT == 2 ? 16 : 8;
-            const unsigned char* grp = reinterpret_cast<const unsigned char*>(vc)
-                + ((size_t)g * cap + tv) * VB + (e0 / 32) * (4 + PK);
-            const float dq = *reinterpret_cast<const float*>(grp);
-#pragma unroll
-            for (int d = 0; d < DPL; ++d) {
-                const int e = (e0 + d) % 32;
-                if (VT == 2) {
-                    const unsigned code = (grp[4 + e / 2] >> ((e & 1) * 4)) & 0xFu;
-                    vv[d] = __fmul_rn((float)code - 8.0f, dq);
-                } else {
-                    const unsigned code = (grp[4 + e / 4] >> ((e & 3) * 2)) & 0x3u;
-                    vv[d] = __fmul_rn(tk_q2[code], dq);
-                }
-            }
-        }
-    };
-
     for (int t0 = lo; t0 <= p1; t0 += KT) {
         const int nj = min(KT, p1 + 1 - t0);  /* keys of this tile: t0 .. t0 + nj - 1 */
         /* 1. Decode the tile's keys once, a warp per key (the bits of turbo_attend.cu), into
@@ -182,7 +154,7 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
             if (VS) {  /* the tile's values too, once for all the warps (zeros past nj) */
                 float vv[DPL];
                 if (j < nj) {
-                    value_row(t0 + j, vv);
+                    tk_lane_value<HD, DPL, VT, VB>(vc, (size_t)g * cap + t0 + j, e0, vv);
                 } else {
 #pragma unroll
                     for (int d = 0; d < DPL; ++d) vv[d] = 0.0f;
@@ -295,7 +267,7 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
 #pragma unroll
                     for (int d = 0; d < DPL; ++d) vv[u][d] = 0.0f;
                 } else {
-                    value_row(t0 + j0 + u, vv[u]);
+                    tk_lane_value<HD, DPL, VT, VB>(vc, (size_t)g * cap + t0 + j0 + u, e0, vv[u]);
                 }
             }
 #pragma unroll
