@@ -162,7 +162,8 @@ class TurboSpec:
         return cls(kc.kind, kc.score_path, vc.name, cache.k_window)
 
     def header(self) -> str:
-        """The kind's constants for ``turbo_attend.cu``: exact float32 literals and tables."""
+        """The kind's constants for ``turbo_attend.cu``: exact float32 literals and tables, then
+        the helpers both turbo_kv attention kernels read keys with."""
         def floats(values) -> str:
             return ", ".join(f"{float(v).hex()}f" for v in np.asarray(values, np.float32))
 
@@ -175,7 +176,7 @@ class TurboSpec:
                 f"__constant__ float tk_cent[{cent.size}] = {{{floats(cent)}}};\n"
                 f"__constant__ float tk_tab[{cent.size}] = {{{floats(tab)}}};\n"
                 f"__constant__ float tk_q2[4] = {{{floats(tk.Q2_LEVELS)}}};\n"
-                + kernels.source("turbo_kv_common.cuh"))
+                + kernels.source("turbo_kv_common.cuh") + kernels.source("turbo_key.cuh"))
 
     def template(self, head_dim: int) -> list[tuple[str, int]]:
         nc = -(-head_dim // tk.BLOCK)

@@ -66,70 +66,8 @@ __device__ void fd_turbo_attend(int vb, int nvb, const float* q, const float* kv
     /* 1. This token's key (warp 0) and value (warp NW - 1), exactly as the oracle stores them. */
     if (has_last && warp == 0) {
         for (int c = 0; c < NC; ++c) {
-            const float* x = kv + g * HD + c * CD;
-            float* r = sm_r + c * CD;
-            float ss = 0.0f;
-            if (lane == 0) {  /* sequential, as quant.cpp: ss = ss + x[i] * x[i] */
-                for (int i = 0; i < CD; ++i) ss = __fadd_rn(ss, __fmul_rn(x[i], x[i]));
-            }
-            ss = __shfl_sync(FULL, ss, 0);
-            const float norm = __fsqrt_rn(ss);
-            const float inv = norm > 1e-10f ? __fdiv_rn(1.0f, norm) : 0.0f;
-            for (int i = lane; i < CD; i += 32) {
-                const float v = __fmul_rn(x[i], inv);
-                r[i] = (i & 1) ? v : -v;
-            }
-            __syncwarp();
-            for (int len = 1; len < CD; len *= 2) {
-                for (int p = lane; p < CD / 2; p += 32) {
-                    const int i = (p / len) * 2 * len + p % len;
-                    const float u = r[i];
-                    const float w = r[i + len];
-                    r[i] = __fadd_rn(u, w);
-                    r[i + len] = __fsub_rn(u, w);
-                }
-                __syncwarp();
-            }
-            const float rs = __fdiv_rn(1.0f, __fsqrt_rn((float)CD));
-            float m = 0.0f;
-            for (int i = lane; i < CD; i += 32) {
-                r[i] = __fmul_rn(r[i], rs);
-                m = fmaxf(m, fabsf(r[i]));
-            }
-            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
-            if (m < 1e-10f) m = 1.0f;
-            const float s = __fdiv_rn(TK_CMAX, m);
-            for (int i = lane; i < CD; i += 32) {
-                const float t = __fmul_rn(r[i], s);
-                int best = 0;
-                float best_dist = fabsf(__fsub_rn(t, tk_cent[0]));
-                for (int j = 1; j < NLEV; ++j) {  /* the first strict minimum */
-                    const float dist = fabsf(__fsub_rn(t, tk_cent[j]));
-                    if (dist < best_dist) {
-                        best_dist = dist;
-                        best = j;
-                    }
-                }
-                sm_idx[c * CD + i] = (unsigned char)best;
-            }
-            __syncwarp();
-            const unsigned hn = tk_f16_trunc(norm);
-            const unsigned hs = tk_f16_trunc(s);
-            for (int k = lane; k < BB; k += 32) {
-                unsigned byte = 0u;
-                if (k == 0) byte = hn & 0xFFu;
-                else if (k == 1) byte = hn >> 8;
-                else if (k == 4) byte = hs & 0xFFu;
-                else if (k == 5) byte = hs >> 8;
-                else if (k >= 8) {  /* stream bits 8(k - 8) .. 8(k - 8) + 7, LSB first */
-                    for (int b = 0; b < 8; ++b) {
-                        const int sb = (k - 8) * 8 + b;
-                        const int e = sb / KBITS;
-                        if (e < CD) byte |= ((sm_idx[c * CD + e] >> (sb % KBITS)) & 1u) << b;
-                    }
-                }
-                sm_blk[c * BB + k] = (unsigned char)byte;
-            }
+            tk_warp_quantize<CD, NLEV, KBITS, BB>(kv + g * HD + c * CD, sm_r + c * CD,
+                                                  sm_idx + c * CD, sm_blk + c * BB, lane);
             __syncwarp();
         }
         if (writer) {
@@ -225,50 +163,9 @@ __device__ void fd_turbo_attend(int vb, int nvb, const float* q, const float* kv
             } else {
                 const unsigned char* blk = last ? sm_blk + c0 * BB
                     : reinterpret_cast<const unsigned char*>(kc) + (((size_t)g * cap + t) * NC + c0) * BB;
-                const float norm = tk_f16_decode((unsigned)blk[0] | ((unsigned)blk[1] << 8));
-                float sc = tk_f16_decode((unsigned)blk[4] | ((unsigned)blk[5] << 8));
-                if (sc < 1e-10f) sc = __fsqrt_rn((float)CD);  /* never made by quantize */
-                /* this lane's DPL indices: stream bits KBITS * i0 .. KBITS * (i0 + DPL) */
-                const int b0 = KBITS * i0;
-                constexpr int NBYTES = (7 + KBITS * DPL + 7) / 8;
-                unsigned long long bitsw = 0ull;
-                const int first = 8 + (b0 >> 3);
-                const int need = ((b0 & 7) + KBITS * DPL + 7) >> 3;
-#pragma unroll
-                for (int k = 0; k < NBYTES; ++k)
-                    if (k < need) bitsw |= (unsigned long long)blk[first + k] << (8 * k);
-                bitsw >>= (b0 & 7);
-                float y[DPL];
-#pragma unroll
-                for (int d = 0; d < DPL; ++d)
-                    y[d] = sm_tab[(unsigned)(bitsw >> (KBITS * d)) & ((1u << KBITS) - 1u)];
-                if (PATH == 2) {
-                    /* dequantize in registers, bit for bit as turbo_kv_dequantize.cu */
-                    const float step = __fdiv_rn(1.0f, sc);
-                    const float rs = __fdiv_rn(1.0f, __fsqrt_rn((float)CD));
-#pragma unroll
-                    for (int d = 0; d < DPL; ++d) y[d] = __fmul_rn(__fmul_rn(y[d], step), rs);
-#pragma unroll
-                    for (int len = 1; len < DPL && len < CD; len *= 2) {  /* within the lane */
-#pragma unroll
-                        for (int d = 0; d < DPL; ++d) {
-                            if (d & len) continue;
-                            const float a = y[d];
-                            const float b = y[d + len];
-                            y[d] = __fadd_rn(a, b);
-                            y[d + len] = __fsub_rn(a, b);
-                        }
-                    }
-#pragma unroll
-                    for (int len = DPL; len < CD; len *= 2) {  /* across lanes */
-                        const int mask = len / DPL;
-                        const bool upper = (i0 & len) != 0;
-#pragma unroll
-                        for (int d = 0; d < DPL; ++d) {
-                            const float other = __shfl_xor_sync(FULL, y[d], mask);
-                            y[d] = upper ? __fsub_rn(other, y[d]) : __fadd_rn(y[d], other);
-                        }
-                    }
+                float y[DPL], norm, sc;
+                tk_lane_key<KBITS, DPL, CD, PATH>(blk, i0, sm_tab, y, &norm, &sc);
+                if (PATH == 2) {  /* the dequantized key: the signs, times norm */
                     float a = 0.0f;
 #pragma unroll
                     for (int d = 0; d < DPL; ++d) {
@@ -276,7 +173,7 @@ __device__ void fd_turbo_attend(int vb, int nvb, const float* q, const float* kv
                         a += sm_q[e0 + d] * k;
                     }
                     s[u] = a;
-                } else {
+                } else {  /* T[idx] against the rotated query, times the chunk's factor */
                     float a = 0.0f;
 #pragma unroll
                     for (int d = 0; d < DPL; ++d) a += sm_qr[e0 + d] * y[d];
@@ -287,28 +184,8 @@ __device__ void fd_turbo_attend(int vb, int nvb, const float* q, const float* kv
             if (last) {
 #pragma unroll
                 for (int d = 0; d < DPL; ++d) vv[u][d] = sm_v[e0 + d];
-            } else if (VT == 0 || VT == 1) {
-                const size_t at = ((size_t)g * cap + t) * HD + e0;
-#pragma unroll
-                for (int d = 0; d < DPL; ++d)
-                    vv[u][d] = VT == 0 ? reinterpret_cast<const float*>(vc)[at + d]
-                                       : __half2float(reinterpret_cast<const __half*>(vc)[at + d]);
             } else {
-                constexpr int PK = VT == 2 ? 16 : 8;
-                const unsigned char* grp = reinterpret_cast<const unsigned char*>(vc)
-                    + ((size_t)g * cap + t) * VB + (e0 / 32) * (4 + PK);
-                const float dq = *reinterpret_cast<const float*>(grp);
-#pragma unroll
-                for (int d = 0; d < DPL; ++d) {
-                    const int e = (e0 + d) % 32;
-                    if (VT == 2) {
-                        const unsigned code = (grp[4 + e / 2] >> ((e & 1) * 4)) & 0xFu;
-                        vv[u][d] = __fmul_rn((float)code - 8.0f, dq);
-                    } else {
-                        const unsigned code = (grp[4 + e / 4] >> ((e & 3) * 2)) & 0x3u;
-                        vv[u][d] = __fmul_rn(tk_q2[code], dq);
-                    }
-                }
+                tk_lane_value<HD, DPL, VT, VB>(vc, (size_t)g * cap + t, e0, vv[u]);
             }
         }
         float mn = m;

@@ -20,8 +20,8 @@ does.
 2. An online softmax (scores scaled by TP_SCALE: 1/sqrt(HD), or 1 where the model scales its
    queries) and the values, read from their own storage and decoded in registers: fp32 / fp16
    as they are, q4 (q - 8) * dq, q2 Q2[q] * dq.
-The key and value decoding is copied from turbo_attend.cu (that file is left as it is): a change
-to how blocks or values are read belongs in both files.
+Keys and values are read as turbo_attend.cu reads them (tk_lane_key, tk_lane_value:
+turbo_key.cuh, both files').
 
 How (a flash-attention loop on CUDA cores, float32 throughout, as before): one block of NW
 warps per (KV head g, tile of TQ rows): its NQ = TQ * G queries are the tile's rows times the G
@@ -144,34 +144,6 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
     }
     float* const pw = sm_p + warp * QW * KT;
 
-    /* This lane's DPL elements of the value at position tv, decoded from its storage (fp32,
-       fp16, q4, q2: the bits of turbo_attend.cu). */
-    auto value_row = [&](int tv, float* vv) {
-        if (VT == 0 || VT == 1) {
-            const size_t at = ((size_t)g * cap + tv) * HD + e0;
-#pragma unroll
-            for (int d = 0; d < DPL; ++d)
-                vv[d] = VT == 0 ? reinterpret_cast<const float*>(vc)[at + d]
-                                : __half2float(reinterpret_cast<const __half*>(vc)[at + d]);
-        } else {
-            constexpr int PK = VT == 2 ? 16 : 8;
-            const unsigned char* grp = reinterpret_cast<const unsigned char*>(vc)
-                + ((size_t)g * cap + tv) * VB + (e0 / 32) * (4 + PK);
-            const float dq = *reinterpret_cast<const float*>(grp);
-#pragma unroll
-            for (int d = 0; d < DPL; ++d) {
-                const int e = (e0 + d) % 32;
-                if (VT == 2) {
-                    const unsigned code = (grp[4 + e / 2] >> ((e & 1) * 4)) & 0xFu;
-                    vv[d] = __fmul_rn((float)code - 8.0f, dq);
-                } else {
-                    const unsigned code = (grp[4 + e / 4] >> ((e & 3) * 2)) & 0x3u;
-                    vv[d] = __fmul_rn(tk_q2[code], dq);
-                }
-            }
-        }
-    };
-
     for (int t0 = lo; t0 <= p1; t0 += KT) {
         const int nj = min(KT, p1 + 1 - t0);  /* keys of this tile: t0 .. t0 + nj - 1 */
         /* 1. Decode the tile's keys once, a warp per key (the bits of turbo_attend.cu), into
@@ -182,7 +154,7 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
             if (VS) {  /* the tile's values too, once for all the warps (zeros past nj) */
                 float vv[DPL];
                 if (j < nj) {
-                    value_row(t0 + j, vv);
+                    tk_lane_value<HD, DPL, VT, VB>(vc, (size_t)g * cap + t0 + j, e0, vv);
                 } else {
 #pragma unroll
                     for (int d = 0; d < DPL; ++d) vv[d] = 0.0f;
@@ -194,54 +166,13 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
             const int t = t0 + j;
             const unsigned char* blk = reinterpret_cast<const unsigned char*>(kc)
                 + (((size_t)g * cap + t) * NC + c0) * BB;
-            const float norm = tk_f16_decode((unsigned)blk[0] | ((unsigned)blk[1] << 8));
-            float sc = tk_f16_decode((unsigned)blk[4] | ((unsigned)blk[5] << 8));
-            if (sc < 1e-10f) sc = __fsqrt_rn((float)CD);  /* never made by quantize */
-            /* this lane's DPL indices: stream bits KBITS * i0 .. KBITS * (i0 + DPL) */
-            const int b0 = KBITS * i0;
-            constexpr int NBYTES = (7 + KBITS * DPL + 7) / 8;
-            unsigned long long bitsw = 0ull;
-            const int first = 8 + (b0 >> 3);
-            const int need = ((b0 & 7) + KBITS * DPL + 7) >> 3;
-#pragma unroll
-            for (int k = 0; k < NBYTES; ++k)
-                if (k < need) bitsw |= (unsigned long long)blk[first + k] << (8 * k);
-            bitsw >>= (b0 & 7);
-            float y[DPL];
-#pragma unroll
-            for (int d = 0; d < DPL; ++d)
-                y[d] = sm_tab[(unsigned)(bitsw >> (KBITS * d)) & ((1u << KBITS) - 1u)];
-            if (PATH == 2) {
-                /* dequantize in registers, bit for bit as turbo_kv_dequantize.cu */
-                const float step = __fdiv_rn(1.0f, sc);
-                const float rs = __fdiv_rn(1.0f, __fsqrt_rn((float)CD));
-#pragma unroll
-                for (int d = 0; d < DPL; ++d) y[d] = __fmul_rn(__fmul_rn(y[d], step), rs);
-#pragma unroll
-                for (int len = 1; len < DPL && len < CD; len *= 2) {  /* within the lane */
-#pragma unroll
-                    for (int d = 0; d < DPL; ++d) {
-                        if (d & len) continue;
-                        const float a = y[d];
-                        const float b = y[d + len];
-                        y[d] = __fadd_rn(a, b);
-                        y[d + len] = __fsub_rn(a, b);
-                    }
-                }
-#pragma unroll
-                for (int len = DPL; len < CD; len *= 2) {  /* across lanes */
-                    const int mask = len / DPL;
-                    const bool upper = (i0 & len) != 0;
-#pragma unroll
-                    for (int d = 0; d < DPL; ++d) {
-                        const float other = __shfl_xor_sync(FULL, y[d], mask);
-                        y[d] = upper ? __fsub_rn(other, y[d]) : __fadd_rn(y[d], other);
-                    }
-                }
+            float y[DPL], norm, sc;
+            tk_lane_key<KBITS, DPL, CD, PATH>(blk, i0, sm_tab, y, &norm, &sc);
+            if (PATH == 2) {  /* the dequantized key: the signs, times norm */
 #pragma unroll
                 for (int d = 0; d < DPL; ++d)
                     sm_k[(e0 + d) * KP + j] = __fmul_rn(((i0 + d) & 1) ? y[d] : -y[d], norm);
-            } else {
+            } else {  /* the key in rotated space: T[idx] times the chunk's factor */
                 const float f = PATH == 0 ? norm * (TK_R / sc) : norm / sc;
 #pragma unroll
                 for (int d = 0; d < DPL; ++d) sm_k[(e0 + d) * KP + j] = y[d] * f;
@@ -336,7 +267,7 @@ Template: NH, NKV, HD, DPL (HD / 32), NW, TQ, KBITS, BB, NC, NLEV, PATH, VT, VB,
 #pragma unroll
                     for (int d = 0; d < DPL; ++d) vv[u][d] = 0.0f;
                 } else {
-                    value_row(t0 + j0 + u, vv[u]);
+                    tk_lane_value<HD, DPL, VT, VB>(vc, (size_t)g * cap + t0 + j0 + u, e0, vv[u]);
                 }
             }
 #pragma unroll
