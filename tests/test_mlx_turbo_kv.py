@@ -334,6 +334,38 @@ def test_scores_within_float32_rounding(path, kind, data):
     assert_scores_close(got, q, blocks, kind, d, path)
 
 
+@pytest.mark.parametrize("path", ["int8_codebook", "fp32_codebook"])
+@pytest.mark.parametrize("kind", tk.KINDS)
+@SETTINGS
+@given(data=st.data())
+def test_compiled_scores_are_the_uncompiled_bits_for_any_bytes(kind, path, data):
+    """The compiled codebook scores (what the KV cache runs: fused element-wise kernels, the int8
+    table read from packed constants) are the bits of the uncompiled graph and within float32
+    rounding of the oracle, for blocks of any bytes: every index of every chunk, fp16 header
+    fields of every class (the zero / subnormal / NaN ones read as quant.cpp reads them)."""
+    d = data.draw(st.sampled_from([64, 128, 200]))
+    n_keys = data.draw(st.integers(1, 24))
+    seed = data.draw(st.integers(0, 2 ** 32 - 1))
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (2, n_keys, -(-d // tk.BLOCK), tk.block_bytes(kind)),
+                          dtype=np.uint8)
+    blocks[..., [2, 3, 6, 7]] = 0  # reserved
+    tail = d - (blocks.shape[-2] - 1) * tk.BLOCK  # the last chunk's elements: bytes past them 0
+    blocks[..., -1, tk.HEADER_BYTES + -(-tail * tk.bits(kind) // 8):] = 0
+    finite = data.draw(st.booleans())
+    if finite:  # headers in a range where the scores are finite: the oracle comparison
+        norm = rng.uniform(0, 4, blocks.shape[:-1]).astype(np.float16)
+        scale = rng.uniform(0.5, 8, blocks.shape[:-1]).astype(np.float16)
+        blocks[..., 0:2] = norm[..., None].view(np.uint8)
+        blocks[..., 4:6] = scale[..., None].view(np.uint8)
+    q = rng.standard_normal((2, 3, d)).astype(np.float32)
+    qm, bm = mx.array(q), mx.array(blocks)
+    got = ev(mk._codebook_scores(kind, d, path, compiled=True)(qm, bm))
+    assert same_floats(got, ev(mk._codebook_scores(kind, d, path)(qm, bm)))
+    if finite:
+        assert_scores_close(got, q, blocks, kind, d, path)
+
+
 @pytest.mark.parametrize("path", tk.PATHS)
 def test_scores_broadcast_batch_axes(path):
     """The cache's layout: q [n_kv_heads, group, M, d] against blocks [n_kv_heads, 1, N, ...]."""

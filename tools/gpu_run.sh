@@ -29,6 +29,9 @@
 #   bash tools/gpu_run.sh stop12c   # setup; GPU tests and marks of the attention a key a lane;
 #                                   # then the same-run table with it (one call)
 #   bash tools/gpu_run.sh stop12d   # the Decoder's and the rows form's GPU tests (the code since)
+#   bash tools/gpu_run.sh stop13a   # setup; turbo_key.cuh's and the plain graph's GPU tests; the
+#                                   # plain graph against fa6d5cc's; then within the idle window:
+#   bash tools/gpu_run.sh stop13b   # the same-run table; the plain graph again
 #   bash tools/gpu_run.sh session1  # (an earlier lease's) checks, then within 30 s, same lease:
 #   bash tools/gpu_run.sh session2  # its figures
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
@@ -56,6 +59,13 @@ persistent_tests() {  # $1: seconds at most; $2: pytest's -k
   timeout "$1" python3 -m pytest -q -p no:cacheprovider -m "not model" \
     tests/test_persistent_decode_gpu.py -k "$2" > "$O/t_persistent.log" 2>&1
   tail -3 "$O/t_persistent.log"
+}
+plain_bench() {  # $1: new (this tree) or old (.device/old: quantref_mlx and bench of fa6d5cc)
+  local root=$PWD; [ "$1" = old ] && root=$PWD/.device/old
+  PYTHONPATH=/tmp/site:$root:$PWD timeout 100 python3 "$root/bench/decode_speed.py" \
+    --weights quantized --modes mlx-plain,mlx-plain-c --kv fp16,turbo_kv_4b,turbo_kv_5b \
+    --contexts 128,1024 --steps 32 > "$O/plain_$1_$SECONDS.txt" 2>&1
+  echo "plain graph, $1:"; grep "^| [0-9]\|^plain" "$O"/plain_"$1"_*.txt | tail -12 | cut -d: -f2-
 }
 # the rows form's timer marks (decode_phases.py), its arguments to follow
 PHASES_ROWS=(python3 bench/decode_phases.py --weights quantized --persistent --no-host --forms rows)
@@ -255,6 +265,33 @@ gap)  # what reading each token back costs (bench/host_read.py), the step's mark
     --kv fp16 --ctx 128,4096 --steps 24 > "$O/phases.txt" 2>&1; grep "^|" "$O/phases.txt" | cut -c1-220
   persistent_tests 150 "decoder_takes or tokens_of_one_launch or sampled or outside"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|stop12d|session1|session2"
+stop13a)  # setup, llama.cpp's build (niced, background); the GPU tests of turbo_key.cuh (the
+  # prefill kernels, the fused and persistent steps) and of the plain graph's compiled scores;
+  # the plain graph against main before it (fa6d5cc, copied into .device/old), same call
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  (nice -n 19 bash .device/llamacpp-cuda/build.sh > /tmp/llbuild.log 2>&1
+   echo "rc=$?" >> /tmp/llbuild.log) &
+  timeout 130 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_turbo_prefill_gpu.py > "$O/t_prefill.log" 2>&1; tail -2 "$O/t_prefill.log"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_mlx_turbo_kv.py \
+    -k "compiled_scores or scores_within or codebook" > "$O/t_mlx_turbo.log" 2>&1
+  tail -2 "$O/t_mlx_turbo.log"
+  timeout 110 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_fused_decode_gpu.py -k "match_the_plain_graph or (one_layer and 5b)" \
+    > "$O/t_fused.log" 2>&1; tail -2 "$O/t_fused.log"
+  persistent_tests 100 "(turbo and rows- and 600) or (turbo_kv_5b and grid)"
+  plain_bench new; plain_bench old
+  llama_model || exit 1
+  ;;
+stop13b)  # within the idle window after stop13a, same machine: the same-run table (llama.cpp
+  # built by stop13a), then the plain graph again (old first this time)
+  plain_bench old; plain_bench new
+  llama_model || exit 1
+  timeout 330 python3 bench/decode_speed.py --weights quantized --steps 48 \
+    --modes mlx,mlx-persistent-rows --kv fp16,turbo_kv_4b,turbo_kv_5b \
+    --contexts 128,1024,4096,8192 "${LLAMA[@]}" --json "$O/bench.json" \
+    > "$O/bench.txt" 2> "$O/bench.err"; grep "^| [0-9]" "$O/bench.txt"; tail -3 "$O/bench.err"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|stop12d|stop13a|stop13b|session1|session2"
    exit 2 ;;
 esac
