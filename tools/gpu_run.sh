@@ -65,7 +65,7 @@ plain_bench() {  # $1: new (this tree) or old (.device/old: quantref_mlx and ben
   PYTHONPATH=/tmp/site:$root:$PWD timeout 100 python3 "$root/bench/decode_speed.py" \
     --weights quantized --modes mlx-plain,mlx-plain-c --kv fp16,turbo_kv_4b,turbo_kv_5b \
     --contexts 128,1024 --steps 32 > "$O/plain_$1_$SECONDS.txt" 2>&1
-  echo "plain graph, $1:"; grep "^| [0-9]\|^plain" "$O"/plain_"$1"_*.txt | tail -12 | cut -d: -f2-
+  echo "plain graph, $1:"; grep -h "^| [0-9]\|^plain" "$O"/plain_"$1"_*.txt | tail -12
 }
 # the rows form's timer marks (decode_phases.py), its arguments to follow
 PHASES_ROWS=(python3 bench/decode_phases.py --weights quantized --persistent --no-host --forms rows)
