@@ -32,6 +32,8 @@
 #   bash tools/gpu_run.sh stop13a   # setup; turbo_key.cuh's and the plain graph's GPU tests; the
 #                                   # plain graph against fa6d5cc's; then within the idle window:
 #   bash tools/gpu_run.sh stop13b   # the same-run table; the plain graph again
+#   bash tools/gpu_run.sh stop13c   # the plain graph interleaved (bench/plain_graph.py), this tree
+#                                   # and fa6d5cc's; the GPU tests stop13a cut short
 #   bash tools/gpu_run.sh session1  # (an earlier lease's) checks, then within 30 s, same lease:
 #   bash tools/gpu_run.sh session2  # its figures
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
@@ -292,6 +294,25 @@ stop13b)  # within the idle window after stop13a, same machine: the same-run tab
     --contexts 128,1024,4096,8192 "${LLAMA[@]}" --json "$O/bench.json" \
     > "$O/bench.txt" 2> "$O/bench.err"; grep "^| [0-9]" "$O/bench.txt"; tail -3 "$O/bench.err"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|stop12d|stop13a|stop13b|session1|session2"
+stop13c)  # the plain graph interleaved (bench/plain_graph.py), this tree and fa6d5cc's; then the
+  # GPU tests stop13a's llama.cpp build starved of CPU (cut by their time limits)
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  for tree in new old new; do
+    root=$PWD; [ $tree = old ] && root=$PWD/.device/old
+    echo "plain graph, $tree:"
+    PYTHONPATH=/tmp/site:$root:$PWD timeout 80 python3 bench/plain_graph.py --rounds 7 \
+      > "$O/plain_graph_${tree}_$SECONDS.txt" 2>&1; grep -h "^| [0-9]" "$O"/plain_graph_${tree}_*.txt | tail -6
+  done
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_turbo_prefill_gpu.py > "$O/t_prefill.log" 2>&1; tail -2 "$O/t_prefill.log"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_mlx_turbo_kv.py \
+    -k "compiled_scores or scores_within or codebook" > "$O/t_mlx_turbo.log" 2>&1
+  tail -2 "$O/t_mlx_turbo.log"
+  timeout 100 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_fused_decode_gpu.py -k "match_the_plain_graph or (one_layer and 5b and fp16)" \
+    > "$O/t_fused.log" 2>&1; tail -2 "$O/t_fused.log"
+  persistent_tests 90 "(turbo and rows- and 600) or (turbo_kv_5b and grid and 20)"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|stop12d|stop13a|stop13b|stop13c|session1|session2"
    exit 2 ;;
 esac
