@@ -34,6 +34,7 @@
 #   bash tools/gpu_run.sh stop13b   # the same-run table; the plain graph again
 #   bash tools/gpu_run.sh stop13c   # the plain graph interleaved (bench/plain_graph.py), this tree
 #                                   # and fa6d5cc's; the GPU tests stop13a cut short
+#   bash tools/gpu_run.sh stop13d   # the GPU tests stop13c's time limits left out
 #   bash tools/gpu_run.sh session1  # (an earlier lease's) checks, then within 30 s, same lease:
 #   bash tools/gpu_run.sh session2  # its figures
 # The default model is 94 MB and a call carries 64 MiB: .device/m1/part (its first 34,000,000
@@ -313,6 +314,16 @@ stop13c)  # the plain graph interleaved (bench/plain_graph.py), this tree and fa
     > "$O/t_fused.log" 2>&1; tail -2 "$O/t_fused.log"
   persistent_tests 90 "(turbo and rows- and 600) or (turbo_kv_5b and grid and 20)"
   ;;
-*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|stop12d|stop13a|stop13b|stop13c|session1|session2"
+stop13d)  # the GPU tests stop13c's time limits left out
+  bash .device/mlx-cuda/install.sh > "$O/setup.log" 2>&1; tail -1 "$O/setup.log"
+  persistent_tests 100 "turbo_kv_5b and grid and 20"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_turbo_prefill_gpu.py -k "rows_keep or (plain_graph and (5b-fp32_codebook-q4 or \
+    3b-dequant or q2))" > "$O/t_prefill.log" 2>&1; tail -2 "$O/t_prefill.log"
+  timeout 110 python3 -m pytest -q -p no:cacheprovider -m "not model" \
+    tests/test_fused_decode_gpu.py -k "match_the_plain_graph and (hd32-600 or (hd32-20 and not \
+    int8_codebook-fp16))" > "$O/t_fused.log" 2>&1; tail -2 "$O/t_fused.log"
+  ;;
+*) echo "usage: $0 setup|model1|model2|tests|quick|phases|bench|crossover|final|lean|marks|check|check2|last|probe|gap|stop11a..f|stop12a|stop12b|stop12c|stop12d|stop13a|stop13b|stop13c|stop13d|session1|session2"
    exit 2 ;;
 esac
