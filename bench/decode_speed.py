@@ -381,7 +381,8 @@ def main() -> None:
               f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'))} | {ratio(r, best_q4)} | "
               f"{ratio(r, find(r['ctx'], 'fp16', 'mlx'), 'prefill')} |")
     # Issue 9's plain-graph comparison: what Metal (and a GPU without the fused step) runs, as
-    # Decoder runs each cache there: turbo_kv compiled, fp16 op by op.
+    # Decoder runs each cache there: turbo_kv compiled, fp16 op by op. Rows timed seconds apart
+    # on a host-bound step: bench/plain_graph.py interleaves them and pairs the ratios.
     plain = [(ctx, kv) for ctx in contexts for kv in kvs if kv.startswith("turbo")
              and find(ctx, kv, "mlx-plain-c") and find(ctx, "fp16", "mlx-plain")]
     for ctx, kv in plain:

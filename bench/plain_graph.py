@@ -87,7 +87,6 @@ def main() -> None:
                 runs[kv][1] = y
         for kv in kvs:
             s = speed[kv]
-            paired = ""
             if kv != "fp16":
                 ratios = [a / b for a, b in zip(s, speed["fp16"])]
                 paired = (f"{min(ratios):.2f} | **{statistics.median(ratios):.2f}** | "

@@ -382,6 +382,7 @@ class Model:
             # keys: the L = offset + T stored, or a compiled step's fixed capacity
             L = offset + T if isinstance(offset, int) else cache.capacity
             wm = window_mask(offset, T, L, a.sliding_window)
+            # a new array, never `mask += wm`: a compiled step's mask serves every layer
             mask = wm if mask is None else mask + wm
         # turbo_kv caches on CUDA, a chunk of T > 1 rows: one kernel reads the blocks and gives
         # the attention output (quantref_mlx.turbo_prefill); None where the graph below runs

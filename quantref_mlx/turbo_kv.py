@@ -773,23 +773,25 @@ def _symmetric_lookup(idx: mx.array, nb: int, upper: list[mx.array]) -> tuple[mx
 
 
 def _packed_lookup(idx: mx.array, nb: int, upper: np.ndarray) -> tuple[mx.array, mx.array]:
-    """:func:`_symmetric_lookup` for a table of small integers (the int8 tables): ``upper`` (the
-    table's upper half, integers in 0..255) packed a byte each into one or two 64-bit constants,
-    and a magnitude read by a shift and a mask: the same float32 values (each an integer, so
-    exact), from two constants instead of ``2**(nb-1)`` (``mx.compile`` stops fusing a kernel at
-    24 inputs, scalar constants included) and a shallower graph than the select tree."""
+    """:func:`_symmetric_lookup` for a table of small integers (the int8 tables, ``nb`` <= 5):
+    ``idx`` unsigned integers ``[...]`` (``nb``-bit indices) -> ``(upper_half bool [...],
+    magnitude float32 [...])``. ``upper`` (the table's upper half, at most 16 integers in
+    0..255) is packed a byte each into one or two 64-bit constants, and a magnitude read by a
+    shift and a mask: the same float32 values (each an integer, so exact) from two constants
+    instead of ``2**(nb-1)`` (``mx.compile`` stops fusing a kernel at 24 inputs, scalar
+    constants included), and a shallower graph than the select tree."""
     half = len(upper)
-    if not all(0 <= int(v) <= 255 for v in upper):
-        raise AssertionError("a packed table needs magnitudes in 0..255")  # the int8 tables do
-    words = [int(sum(int(v) << (8 * j) for j, v in enumerate(upper[w:w + 8])))
+    if half > 16 or not all(0 <= int(v) <= 255 for v in upper):
+        raise AssertionError("a packed table holds at most 16 magnitudes in 0..255")  # int8's do
+    words = [np.uint64(sum(int(v) << (8 * j) for j, v in enumerate(upper[w:w + 8])))
              for w in range(0, half, 8)]
     top = idx >> (nb - 1)
     low = half - 1
     # the magnitude's index: idx - half in the upper half, half - 1 - idx in the lower
     m = mx.where(top == 1, idx & low, low - (idx & low)).astype(mx.uint64)
-    word = mx.array(words[0], mx.uint64)
+    word = mx.array(words[0])
     if len(words) == 2:
-        word = mx.where(m >= 8, mx.array(words[1], mx.uint64), word)
+        word = mx.where(m >= 8, mx.array(words[1]), word)
     byte = (word >> ((m & 7) << 3)) & mx.array(0xFF, mx.uint64)
     return top == 1, byte.astype(mx.float32)
 
@@ -823,9 +825,11 @@ def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
       ``norm * (R / s)``: element-wise operations only (byte views, shifts, masks, the int8
       table read from bytes packed in 64-bit constants or the float32 codebook by a select tree,
       the fp16 header decoded by a widening conversion), which ``mx.compile`` fuses into one
-      kernel (4 bits) or two (3 and 5 bits, the int8 table; 3 with the float32 codebook at 5
-      bits): 3- and 5-bit indices are assembled from bytes, a deeper graph than MLX fuses
-      into one kernel (depth 11);
+      kernel (4 bits; 3 bits with the float32 codebook), two (3 and 5 bits with the int8 table)
+      or three (5 bits with the float32 codebook), as counted on MLX 0.32.4
+      (``tests/test_mlx_turbo_kv.py``): 5-bit indices are assembled from bytes in a 64-bit
+      word, a deeper graph than MLX fuses into one kernel (depth 11), and 3 bits with the int8
+      table leave one conversion in a kernel of its own (the select tree did too);
     - one matmul.
 
     The arithmetic is the one :func:`_rotated_keys` and :func:`_rotate_chunks` describe, so the
@@ -859,7 +863,7 @@ def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
             factor = norm / s if unit is None else norm * (unit / s)
             groups = -(-cd // 8)
             idx = (_index_words(blocks, c, nb, groups) >> shifts) & mask  # [..., N, groups, 8]
-            if nb > 4:  # a 64-bit word: the tree on bytes, in a kernel of its own
+            if nb > 4:  # a 64-bit word: the lookup on bytes, in a kernel of its own
                 idx = _fusion_barrier(idx.astype(mx.uint8))
             # +-T[idx] or +-factor exactly, then one rounding: T[idx] * factor. Which form
             # fuses into fewer kernels depends on the path and the kind (MLX fuses a node with

@@ -178,10 +178,11 @@ def test_a_decode_step_is_built_without_evaluating(tiny, monkeypatch):
         monkeypatch.undo()
 
 
-def test_a_compiled_step_builds_its_mask_once(tiny):
-    """The compiled step's additive mask ([T, capacity], -inf after each query's position) is one
-    array for every layer: mx.compile does not merge equal aranges, so a mask built per layer
-    launched its kernels once per layer (2 of a turbo_kv layer's ~30 on a GPU)."""
+def test_a_step_cache_builds_its_mask_once(tiny):
+    """The StepCache's additive mask ([T, capacity], -inf after each query's position: what a
+    compiled step attends with) is one array for every layer: mx.compile does not merge equal
+    aranges, so a mask built per layer launched its kernels once per layer (2 of a turbo_kv
+    layer's ~28 on a GPU)."""
     from quantref_mlx.cache import StepCache
 
     mm = tiny[1]
@@ -195,6 +196,7 @@ def test_a_compiled_step_builds_its_mask_once(tiny):
     expected = np.where(np.arange(256) > 3, -np.inf, 0.0).astype(np.float32)[None]
     assert np.array_equal(np.array(mask), expected)
     two = np.array(view.mask(2))  # queries at positions 3 and 4
+    assert np.array_equal(two[0], expected[0])
     assert np.array_equal(two[1], np.where(np.arange(256) > 4, -np.inf, 0.0))
 
 
