@@ -191,9 +191,11 @@ class TurboKeyCodec(Codec):
     def scores(self, q, stored):
         if self.score_path == "dequant":
             return self._tkv.scores(q, stored[0], self.kind, self.head_dim, path="dequant")
+        from .model import on_gpu
+
         # the same function as turbo_kv.scores, compiled (traced per shape: see KVCache.scores)
         return self._tkv._codebook_scores(self.kind, self.head_dim, self.score_path,
-                                          compiled=True)(q, stored[0])
+                                          compiled=True, cpu=not on_gpu())(q, stored[0])
 
 
 class TurboValueCodec(Codec):

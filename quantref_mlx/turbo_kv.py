@@ -812,7 +812,8 @@ def _rotate_fast(x: mx.array) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
+def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False,
+                     cpu: bool = False):
     """``(q [..., M, d], blocks [..., N, n_chunks, bb]) -> scores [..., M, N]`` for the codebook
     paths, as one MLX function of few primitives (compiled: what the KV cache runs on its whole
     buffer, whose length changes every 256 tokens, not every token; :func:`scores` runs it
@@ -835,6 +836,11 @@ def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
     The arithmetic is the one :func:`_rotated_keys` and :func:`_rotate_chunks` describe, so the
     scores are the same bits as theirs, and compiling changes none: no multiply is followed by an
     add (the sign flip's and the table sign's products are exact).
+
+    ``cpu``: the header's factor in a kernel of its own (one value a block), not fused into the
+    keys' kernel, where a CPU evaluates it once for each of the block's entries (a GPU's threads
+    do so for free; on the CPU the keys took ~3x longer: one more kernel is cheaper there). The
+    same operations, the same bits.
     """
     if path == "fp32_codebook":
         table, unit = CENTROIDS[kind].astype(np.float32), None
@@ -861,6 +867,8 @@ def _codebook_scores(kind: str, d: int, path: str, compiled: bool = False):
             # s < 1e-10 is never made by quantize; decoded as quant.cpp does all the same
             s = mx.where(s < _f32(_EPS), _f32(np.sqrt(np.float32(cd))), s)
             factor = norm / s if unit is None else norm * (unit / s)
+            if cpu:
+                factor = _fusion_barrier(factor)
             groups = -(-cd // 8)
             idx = (_index_words(blocks, c, nb, groups) >> shifts) & mask  # [..., N, groups, 8]
             if nb > 4:  # a 64-bit word: the lookup on bytes, in a kernel of its own

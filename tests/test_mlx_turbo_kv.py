@@ -362,6 +362,8 @@ def test_compiled_scores_are_the_uncompiled_bits_for_any_bytes(kind, path, data)
     qm, bm = mx.array(q), mx.array(blocks)
     got = ev(mk._codebook_scores(kind, d, path, compiled=True)(qm, bm))
     assert same_floats(got, ev(mk._codebook_scores(kind, d, path)(qm, bm)))
+    # the CPU's form (the header's factor in a kernel of its own): the same bits
+    assert same_floats(got, ev(mk._codebook_scores(kind, d, path, compiled=True, cpu=True)(qm, bm)))
     if finite:
         assert_scores_close(got, q, blocks, kind, d, path)
 
